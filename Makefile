@@ -1,0 +1,30 @@
+# machipc: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.machipc-installed
+SOURCES := pyproject.toml setup.py $(wildcard machipc/*.pyx machipc/*.pxd)
+
+.PHONY: install demo test test-pure bench bench-quick macos-check clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -U pip setuptools wheel 'Cython>=3.0'
+
+# Editable install: builds the Cython extensions in place.
+$(STAMP): $(VPY) $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(VPY) -c 'import machipc._unix' || { echo "the Cython extension did not build"; exit 1; }
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VPY) -m machipc demo
+
+test: install
+	$(VPY) -m pytest tests
+	MACHIPC_PURE_PYTHON=1 $(VPY) -m pytest -q tests/test_backend.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info machipc/*.so machipc/*.c .pytest_cache .benchmarks .macos-check bench/bin

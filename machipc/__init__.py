@@ -1,0 +1,57 @@
+"""machipc: kernel-authenticated local IPC for Python daemons.
+
+The kernel, not the sender, tells the server who sent each message; a policy
+decides whether that sender is trusted before any handler sees the bytes::
+
+    import machipc
+    with machipc.Server("org.example.echo") as srv:
+        srv.serve(lambda msg: b"pong")
+"""
+
+from . import policies
+from ._backend import PURE_PYTHON
+from .client import Client
+from .errors import (
+    InvalidArgument,
+    IPCError,
+    IPCTimeoutError,
+    MessageTooLarge,
+    NotPermitted,
+    PeerGone,
+    ProtocolError,
+    Rejected,
+    RemoteError,
+    ServerClosed,
+    ServiceInUse,
+    ServiceNotFound,
+)
+from .message import Message
+from .peer import Peer
+from .policies import Decision, Policy
+from .server import Server, ServerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Server",
+    "Client",
+    "Message",
+    "Peer",
+    "ServerStats",
+    "Decision",
+    "Policy",
+    "policies",
+    "IPCError",
+    "IPCTimeoutError",
+    "ServiceNotFound",
+    "ServiceInUse",
+    "NotPermitted",
+    "Rejected",
+    "PeerGone",
+    "MessageTooLarge",
+    "InvalidArgument",
+    "ProtocolError",
+    "RemoteError",
+    "ServerClosed",
+    "PURE_PYTHON",
+]

@@ -1,0 +1,35 @@
+"""Chooses the transport implementation: the one place MACHIPC_PURE_PYTHON is read.
+
+``MACHIPC_PURE_PYTHON=1`` selects the pure-Python twin; otherwise the Cython
+extension is used when it imports, and the pure twin when it does not.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+from . import unix as _pure
+
+PURE_PYTHON = os.environ.get("MACHIPC_PURE_PYTHON", "") not in ("", "0")
+
+try:
+    from . import _unix as _compiled  # type: ignore[attr-defined]
+except ImportError:  # not built (pure install, or an unsupported platform)
+    _compiled = None
+
+DEFAULT: ModuleType = _pure if PURE_PYTHON or _compiled is None else _compiled
+
+
+def transport(impl: Optional[str] = None) -> ModuleType:
+    """The transport module for ``impl``: ``"c"``, ``"py"``, or None for the default."""
+    if impl is None:
+        return DEFAULT
+    if impl == "py":
+        return _pure
+    if impl == "c":
+        if _compiled is None:
+            raise ImportError("machipc._unix (the Cython transport) is not built")
+        return _compiled
+    raise ValueError(f"impl must be 'c', 'py' or None, not {impl!r}")

@@ -1,0 +1,222 @@
+"""``Client``: finds a server by service name, sends messages and makes requests."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+from typing import Optional, Union
+
+from . import _backend
+from .errors import (
+    IPCError,
+    IPCTimeoutError,
+    MessageTooLarge,
+    NotPermitted,
+    PeerGone,
+    ProtocolError,
+    Rejected,
+    RemoteError,
+    ServiceNotFound,
+    error_from_errno,
+)
+from .naming import check_socket_owner, service_path
+from .unix import deadline_of, remaining
+from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
+
+__all__ = ["Client", "Buffer"]
+
+log = logging.getLogger("machipc")
+
+Buffer = Union[bytes, bytearray, memoryview]
+_DEFAULT = object()
+
+
+class _Pending:
+    """One request waiting for its answer."""
+
+    __slots__ = ("result", "error", "event")
+
+    def __init__(self) -> None:
+        self.result: Optional[bytes] = None
+        self.error: Optional[IPCError] = None
+        self.event: Optional[threading.Event] = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def finish(self, result: Optional[bytes], error: Optional[IPCError] = None) -> None:
+        self.result, self.error = result, error
+        event = self.event
+        if event is not None:
+            event.set()
+
+
+_ERRORS = {
+    ErrorCode.REJECTED: Rejected,
+    ErrorCode.HANDLER_FAILED: RemoteError,
+    ErrorCode.MALFORMED: ProtocolError,
+    ErrorCode.TOO_LARGE: MessageTooLarge,
+    ErrorCode.SHUTTING_DOWN: PeerGone,
+}
+
+
+class Client:
+    """A connection to the server of service ``name``.
+
+    ``timeout`` (seconds, None for no limit) is the default for every call
+    that can block. A Client may be shared by threads: concurrent requests
+    each get their own reply, and one thread's one-way messages keep their
+    order. The server's socket must be owned by root or by this user, so a
+    squatted name cannot impersonate a daemon.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        timeout: Optional[float] = 10.0,
+        directory: Optional[str] = None,
+        impl: Optional[str] = None,
+    ) -> None:
+        self.name = name
+        self.timeout = timeout
+        self.path = service_path(name, directory=directory)
+        mod = _backend.transport(impl)
+        self.implementation: str = mod.IMPLEMENTATION
+        self._conn = mod.Conn(self._connect(), False, False)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._recv_lock = threading.Lock()
+        self._dead: Optional[IPCError] = None
+
+    def _connect(self) -> socket.socket:
+        try:
+            check_socket_owner(self.path, (0, os.geteuid()))
+        except FileNotFoundError:
+            raise ServiceNotFound(f"no service {self.name!r}: nothing at {self.path}") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            raise ServiceNotFound(f"no server is listening for {self.name!r} at {self.path} (stale socket)") from None
+        except socket.timeout:
+            sock.close()
+            raise IPCTimeoutError(f"connecting to {self.name!r}: the server's backlog stayed full") from None
+        except OSError as exc:
+            sock.close()
+            raise error_from_errno(exc.errno, f"connect to {self.path}") from None
+        return sock
+
+    def _timeout(self, timeout) -> Optional[float]:
+        return self.timeout if timeout is _DEFAULT else timeout
+
+    def _check(self, data: Buffer) -> None:
+        if self._dead is not None:
+            raise type(self._dead)(*self._dead.args)
+        if len(data) > INLINE_MAX:
+            raise MessageTooLarge(f"payload of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+
+    def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
+        """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
+        self._check(data)
+        self._conn.send(Kind.MESSAGE, 0, data, self._timeout(timeout))
+
+    def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> bytes:  # type: ignore[assignment]
+        """Send a request and return the reply's payload.
+
+        Raises IPCTimeoutError if no reply comes within ``timeout``, Rejected if
+        the server's policy refused us, RemoteError if its handler failed,
+        PeerGone if the server went away.
+        """
+        self._check(data)
+        timeout = self._timeout(timeout)
+        deadline = deadline_of(timeout)
+        rid = next(self._ids)
+        slot = self._pending[rid] = _Pending()
+        try:
+            self._conn.send(Kind.REQUEST, rid, data, timeout)
+            self._wait(slot, deadline, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if slot.error is not None:
+            raise slot.error
+        return slot.result  # type: ignore[return-value]
+
+    def _wait(self, slot: _Pending, deadline: Optional[float], timeout: Optional[float]) -> None:
+        """Leader/follower: whoever holds the receive lock reads for everyone."""
+        while not slot.done:
+            if self._recv_lock.acquire(blocking=False):
+                try:
+                    while not slot.done:
+                        got = self._conn.recv(remaining(deadline))
+                        if got is None:
+                            raise IPCTimeoutError(f"no reply from {self.name!r} within {timeout} s")
+                        self._deliver(got)
+                finally:
+                    self._recv_lock.release()
+                    self._wake_followers()
+                return
+            if slot.event is None:
+                slot.event = threading.Event()
+                if slot.done:
+                    return
+            if not slot.event.wait(remaining(deadline)):
+                if not slot.done:
+                    raise IPCTimeoutError(f"no reply from {self.name!r} within {timeout} s")
+            slot.event.clear()
+
+    def _wake_followers(self) -> None:
+        # The leader left: let a waiting thread take over reading.
+        for pending in list(self._pending.values()):
+            if pending.event is not None and not pending.done:
+                pending.event.set()
+
+    def _deliver(self, got: tuple) -> None:
+        status, _conn, kind, _flags, rid, payload = got[:6]
+        if status == Drop.CLOSED:
+            self._dead = PeerGone(f"server {self.name!r} closed the connection")
+            for pending in list(self._pending.values()):
+                pending.finish(None, PeerGone(f"server {self.name!r} closed the connection"))
+            return
+        slot = self._pending.get(rid)
+        if status != Drop.OK:
+            text = DROP_TEXT.get(Drop(status), Drop(status).name)
+            log.warning("malformed reply from %r: %s", self.name, text)
+            if slot is not None:
+                slot.finish(None, ProtocolError(f"malformed reply from the server: {text}"))
+            return
+        if slot is None:
+            log.debug("late reply %d discarded (its request timed out)", rid)
+            return
+        if kind == Kind.REPLY:
+            slot.finish(payload)
+        else:
+            code, text = unpack_error(payload)
+            slot.finish(None, _ERRORS.get(code, RemoteError)(text))
+
+    def close(self) -> None:
+        """Disconnect (idempotent). Requests still waiting get PeerGone."""
+        if self._dead is None:
+            self._dead = PeerGone("the client was closed")
+        conn = self._conn
+        conn.shutdown()
+        if self._recv_lock.acquire(blocking=False):
+            try:
+                conn.close()
+            finally:
+                self._recv_lock.release()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<machipc.Client {self.name!r} at {self.path} ({self.implementation})>"

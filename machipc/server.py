@@ -1,0 +1,359 @@
+"""``Server``: listens under a service name and hands allowed messages on."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+from . import _backend
+from .errors import IPCTimeoutError, NotPermitted, ServerClosed, ServiceInUse, error_from_errno
+from .message import Message
+from .naming import check_socket_owner, service_path
+from .peer import Peer, pidfs_available
+from .policies import Decision, PolicyLike, SameUser, as_policy
+from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
+from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, pack_error
+
+__all__ = ["Server", "ServerStats", "Handler"]
+
+log = logging.getLogger("machipc")
+
+Handler = Callable[[Message], Union[bytes, bytearray, memoryview, None]]
+
+
+@dataclass
+class ServerStats:
+    """Counters of what the server saw. Every packet not handed on is counted."""
+
+    received: int = 0  #: messages handed to the caller / handler
+    rejected: int = 0  #: refused by the policy
+    would_reject: int = 0  #: denied by the policy but let through (enforce=False)
+    too_large: int = 0  #: over ``max_size``
+    dropped: Counter = field(default_factory=Counter)  #: malformed packets, by Drop name
+    handler_errors: int = 0  #: handler raised
+    reply_errors: int = 0  #: a reply could not be delivered
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+class Server:
+    """A machipc server listening under ``name``.
+
+    ``policy(peer) -> Decision`` is asked about every message before anything
+    else looks at it; the default allows only the server's own uid
+    (:class:`machipc.policies.SameUser`). With ``enforce=False`` the server only
+    logs what it would reject (for rolling out a policy).
+
+    The socket is connectable by every local user who can reach the runtime
+    directory (``mode``, default 0o666): the policy, not the file mode, is the
+    gate, so a root daemon can hear every user and decide per sender.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        policy: Optional[PolicyLike] = None,
+        *,
+        enforce: bool = True,
+        mode: int = 0o666,
+        max_size: int = INLINE_MAX,
+        reply_timeout: Optional[float] = 5.0,
+        backlog: int = 128,
+        directory: Optional[str] = None,
+        impl: Optional[str] = None,
+    ) -> None:
+        if not 0 <= max_size <= INLINE_MAX:
+            raise ValueError(f"max_size must be between 0 and {INLINE_MAX}, not {max_size}")
+        self.name = name
+        self.policy = as_policy(policy) if policy is not None else SameUser()
+        self.enforce = enforce
+        self.max_size = max_size
+        self.reply_timeout = reply_timeout
+        self.stats = ServerStats()
+        self.path = service_path(name, create_dir=True, directory=directory)
+        self._mod = _backend.transport(impl)
+        self.implementation: str = self._mod.IMPLEMENTATION
+        self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
+        self._closed = False
+        self._stop_serving = False
+        self._recv_lock = threading.Lock()
+        self._receiver: Optional[int] = None  # thread ident inside receive()
+        listener, self.pidfd_guard = self._listen(mode, backlog)
+        self._inode = os.stat(self.path).st_ino
+        self._transport = self._mod.ServerTransport(listener, pidfs_available())
+
+    # -- setup ---------------------------------------------------------------
+
+    def _listen(self, mode: int, backlog: int) -> tuple[socket.socket, str]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            # Both before listen(): accepted sockets inherit them, so no packet
+            # can arrive without kernel credentials.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
+                guard = "SCM_PIDFD"
+            except OSError as exc:
+                if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+                    raise
+                guard = "pidfd_open"  # kernel < 6.5: pin by pid right after receipt
+                log.info("kernel lacks SO_PASSPIDFD; senders are pinned with pidfd_open(pid)")
+            self._clear_stale(self.path)
+            try:
+                sock.bind(self.path)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ServiceInUse(f"service {self.name!r} is already served at {self.path}") from None
+                raise error_from_errno(exc.errno, f"bind {self.path}") from None
+            # Not connectable before listen(), so the mode is right before anyone can use it.
+            os.chmod(self.path, mode)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, guard
+
+    def _clear_stale(self, path: str) -> None:
+        """Remove a socket left by a crashed server of ours; refuse anything else."""
+        try:
+            check_socket_owner(path, (os.geteuid(),))
+        except FileNotFoundError:
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s left by a server that is gone", path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        except OSError as exc:
+            raise error_from_errno(exc.errno, f"probing existing socket {path}") from None
+        finally:
+            probe.close()
+        raise ServiceInUse(f"service {self.name!r} is already served by a live server at {path}")
+
+    # -- receiving -----------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        """Number of clients connected now."""
+        transport = self._transport
+        return 0 if transport is None else transport.connections
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def receive(self, timeout: Optional[float] = None) -> Message:
+        """Return the next message whose sender the policy allows.
+
+        Raises IPCTimeoutError when ``timeout`` seconds pass, ServerClosed once
+        the server is closed. Rejected and malformed packets are logged,
+        counted in ``stats`` and never returned.
+        """
+        deadline = deadline_of(timeout)
+        with self._recv_lock:
+            self._receiver = threading.get_ident()
+            try:
+                while True:
+                    if self._closed or self._stop_serving:
+                        raise ServerClosed(f"server {self.name!r} is closed")
+                    got = self._transport.recv(remaining(deadline))
+                    if got is None:
+                        if deadline is not None and remaining(deadline) == 0.0:
+                            raise IPCTimeoutError(f"no message within {timeout} s")
+                        continue
+                    msg = self._admit(got)
+                    if msg is not None:
+                        return msg
+            finally:
+                self._receiver = None
+                if self._closed:
+                    self._teardown()
+
+    def _admit(self, got: tuple) -> Optional[Message]:
+        status, conn, kind, _flags, request_id, payload, pid, uid, gid, pidfd = got
+        if status != Drop.OK:
+            if status == Drop.CLOSED:
+                self._peers.pop(conn.id, None)
+            else:
+                self._drop(conn, status, kind, request_id, pid, uid)
+            return None
+        peer, decision = self._identify(conn, pid, uid, gid, pidfd)
+        if not decision.allowed:
+            if self.enforce:
+                self.stats.rejected += 1
+                log.warning("rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, decision.reason)
+                if kind == Kind.REQUEST:
+                    self._answer_error(conn, request_id, ErrorCode.REJECTED, "rejected by the server's policy")
+                return None
+            self.stats.would_reject += 1
+            log.warning("would reject pid %d uid %d (enforce=False): %s", pid, uid, decision.reason)
+        if len(payload) > self.max_size:
+            self.stats.too_large += 1
+            log.warning("dropped %d-byte message from pid %d: over max_size %d", len(payload), pid, self.max_size)
+            if kind == Kind.REQUEST:
+                self._answer_error(conn, request_id, ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes")
+            return None
+        self.stats.received += 1
+        return Message(payload, peer, request_id if kind == Kind.REQUEST else 0, conn, self.reply_timeout, decision)
+
+    def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
+        """The Peer for this packet and the policy's decision, reused per process."""
+        if pidfd == SAME_PEER:
+            return self._peers[conn.id]
+        if pidfd < 0 and self.pidfd_guard == "pidfd_open":
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                pidfd = -1
+        peer = Peer.from_pidfd(pid, uid, gid, pidfd)
+        try:
+            decision = self.policy(peer)
+            if not isinstance(decision, Decision):
+                decision = Decision.deny(f"policy returned {type(decision).__name__}, not a Decision")
+        except Exception as exc:  # a broken policy must fail closed, not kill the server
+            log.exception("policy %r raised for pid %d", self.policy, pid)
+            decision = Decision.deny(f"policy raised {type(exc).__name__}: {exc}")
+        entry = (peer, decision)
+        if peer.guard is not None:
+            self._peers[conn.id] = entry
+        return entry
+
+    def _drop(self, conn, status: int, kind: int, request_id: int, pid: int, uid: int) -> None:
+        reason = Drop(status)
+        self.stats.dropped[reason.name] += 1
+        log.warning("dropped packet from pid %d uid %d: %s", pid, uid, DROP_TEXT.get(reason, reason.name))
+        if kind == Kind.REQUEST and request_id and status not in (Drop.BAD_MAGIC, Drop.NO_CREDENTIALS):
+            self._answer_error(conn, request_id, ErrorCode.MALFORMED, DROP_TEXT.get(reason, reason.name))
+
+    def _answer_error(self, conn, request_id: int, code: int, text: str) -> None:
+        try:
+            conn.send(Kind.ERROR, request_id, pack_error(code, text), self.reply_timeout)
+        except Exception as exc:
+            self.stats.reply_errors += 1
+            log.info("could not send error reply: %s", exc)
+
+    # -- serving -------------------------------------------------------------
+
+    def serve(self, handler: Handler) -> None:
+        """Receive messages and call ``handler(msg)`` for each, until closed or signalled.
+
+        For a request, the handler's return value (bytes, or None for an empty
+        reply) is sent back unless the handler already called ``msg.reply``.
+        A handler that raises is logged and its requester gets a RemoteError;
+        the server goes on. SIGINT and SIGTERM (when called from the main
+        thread) make ``serve`` return.
+        """
+        self._stop_serving = False
+        restore = self._install_signal_handlers()
+        try:
+            while True:
+                try:
+                    msg = self.receive()
+                except ServerClosed:
+                    return
+                self._dispatch(handler, msg)
+        finally:
+            for signum, previous in restore:
+                signal.signal(signum, previous)
+            self._stop_serving = False
+
+    def _dispatch(self, handler: Handler, msg: Message) -> None:
+        try:
+            result = handler(msg)
+        except Exception as exc:
+            self.stats.handler_errors += 1
+            log.exception("handler failed on %r", msg)
+            if msg.expects_reply and not msg.answered:
+                self._try(msg.fail, f"handler raised {type(exc).__name__}")
+            return
+        if msg.expects_reply and not msg.answered:
+            self._try(msg.reply, b"" if result is None else result)
+
+    def _try(self, answer, arg) -> None:
+        try:
+            answer(arg)
+        except Exception as exc:
+            self.stats.reply_errors += 1
+            log.warning("could not answer request: %s", exc)
+
+    def _install_signal_handlers(self) -> list:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        restore = []
+
+        def stop(signum, frame):
+            log.info("signal %d: stopping serve()", signum)
+            self.stop()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            restore.append((signum, signal.signal(signum, stop)))
+        return restore
+
+    def stop(self) -> None:
+        """Make a running ``serve`` return (safe from signal handlers and other threads)."""
+        self._stop_serving = True
+        transport = self._transport
+        if transport is not None:
+            transport.wakeup()
+
+    # -- shutdown ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop listening, disconnect clients and remove the socket file.
+
+        Safe from any thread, and idempotent. A thread blocked in ``receive``
+        wakes up with ServerClosed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        transport = self._transport
+        if transport is not None:
+            transport.wakeup()
+        if self._receiver == threading.get_ident():
+            return  # called inside receive (a signal handler): receive tears down on its way out
+        with self._recv_lock:
+            self._teardown()
+
+    def _teardown(self) -> None:
+        if self._transport is None:
+            return
+        transport, self._transport = self._transport, None
+        transport.close()
+        self._peers.clear()
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove %s: %s", self.path, exc)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.connections} connections"
+        return f"<machipc.Server {self.name!r} at {self.path} ({self.implementation}, {state})>"
+
+
+def _kind_name(kind: int) -> str:
+    return "request" if kind == Kind.REQUEST else "message"

@@ -1,0 +1,304 @@
+"""Linux transport, pure-Python implementation (the twin of ``_unix.pyx``).
+
+AF_UNIX ``SOCK_SEQPACKET``: one packet is one machipc message. The server
+socket has ``SO_PASSCRED`` and ``SO_PASSPIDFD`` set before ``listen()`` so every
+accepted connection inherits them and every packet arrives with the kernel's
+``SCM_CREDENTIALS`` and a pidfd of its sender.
+
+Both implementations expose the same classes and return the same tuples:
+
+``Conn.recv(timeout)`` and ``ServerTransport.recv(timeout)`` return ``None`` on
+timeout, else ``(status, conn, kind, flags, request_id, payload, pid, uid, gid,
+pidfd)`` where ``status`` is a :class:`machipc.wire.Drop` and ``pidfd`` is
+
+* ``>= 0``: a new pidfd the caller now owns,
+* ``-1``: the kernel sent none (old kernel, or the sender is already reaped),
+* ``-2``: same process as the previous packet on this connection (the
+  duplicate pidfd was closed; reuse the Peer made for that packet).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import os
+import select
+import socket
+import struct
+import time
+from collections import deque
+from typing import Optional
+
+from .errors import IPCTimeoutError, PeerGone, error_from_errno
+from .wire import (
+    CLIENT_ACCEPTS,
+    HEADER_SIZE,
+    PACKET_MAX,
+    SERVER_ACCEPTS,
+    Drop,
+    check_header,
+    pack_header,
+)
+
+__all__ = ["Conn", "ServerTransport", "SO_PASSPIDFD", "SCM_PIDFD", "IMPLEMENTATION"]
+
+IMPLEMENTATION = "py"
+
+SO_PASSPIDFD = 76
+SCM_PIDFD = 4
+SAME_PEER = -2
+_UCRED = struct.Struct("=iII")
+#: Room for credentials, a pidfd and up to 253 unexpected fds (so they can be closed).
+CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4) + socket.CMSG_SPACE(253 * 4)
+_ids = itertools.count(1)
+
+
+def deadline_of(timeout: Optional[float]) -> Optional[float]:
+    """Absolute monotonic deadline for a timeout in seconds (None: forever)."""
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until ``deadline`` (never negative; None: forever)."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+def _close_fds(data: bytes) -> None:
+    fds = array.array("i")
+    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Conn:
+    """One connected SEQPACKET socket: a client's, or one accepted by a server.
+
+    The socket is closed when the last reference goes, so a reply can never
+    reach a different client that got the same fd number later.
+    """
+
+    def __init__(self, sock: socket.socket, server_side: bool, pidfs: bool) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.id = next(_ids)
+        self.fd = sock.fileno()
+        self._server_side = server_side
+        self._accepted = SERVER_ACCEPTS if server_side else CLIENT_ACCEPTS
+        self._pidfs = pidfs
+        self._last: Optional[tuple[int, int, int, int]] = None  # pid, uid, gid, pidfd inode
+
+    def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
+        """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
+        header = pack_header(kind, request_id, len(payload))
+        deadline = deadline_of(timeout)
+        while True:
+            try:
+                self.sock.sendmsg([header, payload])
+                return
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
+                raise PeerGone(f"send: the peer closed the connection ({exc.strerror})") from None
+            except OSError as exc:
+                raise error_from_errno(exc.errno, "send") from None
+            left = remaining(deadline)
+            if left == 0.0:
+                raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)
+            poller.poll(None if left is None else max(1, int(left * 1000)))
+
+    def recv_nowait(self) -> Optional[tuple]:
+        """Receive one packet if one is queued (None if not); see the module doc."""
+        try:
+            data, anc, msg_flags, _ = self.sock.recvmsg(PACKET_MAX, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return None
+        except (ConnectionResetError, BrokenPipeError):
+            data, anc, msg_flags = b"", [], 0
+        if not data and not anc:
+            return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+        return self._parse(data, anc, msg_flags)
+
+    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+        """Wait up to ``timeout`` for one packet (None on timeout)."""
+        deadline = deadline_of(timeout)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while True:
+            got = self.recv_nowait()
+            if got is not None:
+                return got
+            left = remaining(deadline)
+            if left == 0.0:
+                return None
+            poller.poll(None if left is None else max(1, int(left * 1000)))
+
+    def _parse(self, data: bytes, anc: list, msg_flags: int) -> tuple:
+        pid = uid = gid = 0
+        pidfd = -1
+        status = Drop.OK
+        creds = False
+        for level, kind, cdata in anc:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
+                pid, uid, gid = _UCRED.unpack_from(cdata)
+                creds = True
+            elif kind == SCM_PIDFD and len(cdata) >= 4 and pidfd == -1:
+                pidfd = struct.unpack_from("i", cdata)[0]
+            elif kind == socket.SCM_RIGHTS:
+                _close_fds(cdata)
+                status = Drop.UNEXPECTED_FDS
+        if pidfd < -1:
+            pidfd = -1  # the kernel reports a failed pidfd as a negative errno
+        if msg_flags & socket.MSG_CTRUNC:
+            status = Drop.CTRUNC
+        elif msg_flags & socket.MSG_TRUNC:
+            status = Drop.TRUNCATED
+        elif status == Drop.OK and self._server_side and (not creds or pid == 0):
+            status = Drop.NO_CREDENTIALS
+        hstatus, header = check_header(data, self._accepted)
+        if status == Drop.OK:
+            status = hstatus
+        kind = flags = request_id = 0
+        if header is not None:
+            kind, flags, request_id = header.kind, header.flags, header.request_id
+        if status != Drop.OK:
+            if pidfd >= 0:
+                os.close(pidfd)
+            return (status, self, kind, flags, request_id, b"", pid, uid, gid, -1)
+        if pidfd >= 0 and self._pidfs:
+            ident = (pid, uid, gid, os.fstat(pidfd).st_ino)
+            if ident == self._last:
+                os.close(pidfd)
+                pidfd = SAME_PEER
+            else:
+                self._last = ident
+        return (status, self, kind, flags, request_id, data[HEADER_SIZE:], pid, uid, gid, pidfd)
+
+    def shutdown(self) -> None:
+        """Tell the peer we are gone (EOF on its side); the fd stays open until released."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ServerTransport:
+    """Accepts connections and returns the next packet from any of them."""
+
+    def __init__(self, listener: socket.socket, pidfs: bool) -> None:
+        listener.setblocking(False)
+        self._listener = listener
+        self._pidfs = pidfs
+        self._ep = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ep.register(listener.fileno(), select.EPOLLIN)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        self._conns: dict[int, Conn] = {}
+        self._ready: deque[Conn] = deque()
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+        """Next packet or connection-closed event from any client.
+
+        None when ``timeout`` passed or ``wakeup()`` was called.
+        """
+        deadline = deadline_of(timeout)
+        while True:
+            while self._ready:
+                conn = self._ready[0]
+                got = conn.recv_nowait()
+                if got is None:
+                    self._ready.popleft()
+                    continue
+                self._ready.rotate(-1)  # one packet per connection per turn: fairness
+                if got[0] == Drop.CLOSED:
+                    self._drop(conn)
+                return got
+            left = remaining(deadline)
+            try:
+                events = self._ep.poll(-1 if left is None else left)
+            except InterruptedError:
+                events = []
+            woken = False
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                    woken = True
+                elif fd == self._listener.fileno():
+                    self._accept()
+                else:
+                    conn = self._conns.get(fd)
+                    if conn is not None and conn not in self._ready:
+                        self._ready.append(conn)
+            if woken or (left is not None and remaining(deadline) == 0.0):
+                if not self._ready:
+                    return None
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return  # out of fds: leave it queued, try again later
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            conn = Conn(sock, True, self._pidfs)
+            self._conns[conn.fd] = conn
+            self._ep.register(conn.fd, select.EPOLLIN)
+
+    def _drop(self, conn: Conn) -> None:
+        if self._conns.pop(conn.fd, None) is conn:
+            self._ep.unregister(conn.fd)
+        try:
+            self._ready.remove(conn)
+        except ValueError:
+            pass
+        conn.shutdown()
+
+    def disconnect(self, conn: Conn) -> None:
+        """Stop serving ``conn`` (e.g. a hostile peer); its fd closes when released."""
+        self._drop(conn)
+
+    def wakeup(self) -> None:
+        """Make a blocked ``recv`` return None soon (safe from any thread or signal handler)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        """Release everything; only call when no thread is inside ``recv``."""
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._ep.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._listener.close()

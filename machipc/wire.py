@@ -1,0 +1,152 @@
+"""The machipc wire format: one fixed header in front of every packet.
+
+The layout is documented for implementers in ``docs/protocol.md``. This module
+is the pure-Python definition; ``_wire.pxd`` mirrors the constants for the
+Cython transport and ``tests/test_wire.py`` checks that both agree.
+
+All integers are little-endian::
+
+    offset size field
+    0      2    magic        0x696d (the bytes b"mi")
+    2      1    version      1
+    3      1    kind         Kind
+    4      4    flags        Flag bits; unknown bits are an error
+    8      8    request_id   0 for one-way messages, otherwise chosen by the client
+    16     8    length       payload length in bytes
+    24     ...  payload
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+MAGIC = 0x696D
+VERSION = 1
+HEADER = struct.Struct("<HBBIQQ")
+HEADER_SIZE = HEADER.size  # 24
+
+#: Largest payload carried inside one packet. SOCK_SEQPACKET packets are capped
+#: near SO_SNDBUF (about 208 KiB by default), so inline payloads stay well below.
+INLINE_MAX = 64 * 1024
+#: Receive buffer size: one header plus the largest inline payload.
+PACKET_MAX = HEADER_SIZE + INLINE_MAX
+
+
+class Kind(enum.IntEnum):
+    """What a packet is. Servers accept MESSAGE and REQUEST; clients REPLY and ERROR."""
+
+    MESSAGE = 1  # one-way, no answer
+    REQUEST = 2  # expects exactly one REPLY or ERROR with the same request_id
+    REPLY = 3
+    ERROR = 4  # payload: u16 ErrorCode + UTF-8 text
+
+
+class Flag(enum.IntFlag):
+    """Header flag bits (none are defined in protocol version 1)."""
+
+    NONE = 0
+
+
+KNOWN_FLAGS = 0
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by an ERROR packet."""
+
+    REJECTED = 1  # the server's policy refused the sender
+    HANDLER_FAILED = 2  # the handler raised
+    MALFORMED = 3  # the request broke the protocol
+    TOO_LARGE = 4  # the request was over the server's size limit
+    SHUTTING_DOWN = 5  # the server closed before answering
+
+
+class Drop(enum.IntEnum):
+    """Why a received packet was not handed on (0 means it was)."""
+
+    OK = 0
+    CLOSED = 1  # not a drop: the connection ended (event)
+    SHORT = 2  # shorter than the header
+    BAD_MAGIC = 3
+    BAD_VERSION = 4
+    BAD_KIND = 5
+    BAD_FLAGS = 6
+    BAD_LENGTH = 7  # header length differs from the payload received
+    TRUNCATED = 8  # packet larger than the receive buffer
+    NO_CREDENTIALS = 9  # no SCM_CREDENTIALS (or pid 0: sender outside our pid namespace)
+    UNEXPECTED_FDS = 10  # file descriptors attached (all closed)
+    CTRUNC = 11  # control data truncated (fds dropped by the kernel)
+    BAD_REQUEST_ID = 12  # one-way with an id, or request without one
+
+
+DROP_TEXT = {
+    Drop.SHORT: "packet shorter than the 24-byte header",
+    Drop.BAD_MAGIC: "bad magic",
+    Drop.BAD_VERSION: "unsupported protocol version",
+    Drop.BAD_KIND: "packet kind not accepted here",
+    Drop.BAD_FLAGS: "unknown flag bits",
+    Drop.BAD_LENGTH: "header length does not match the payload",
+    Drop.TRUNCATED: "packet larger than the receive limit",
+    Drop.NO_CREDENTIALS: "no kernel credentials on the packet",
+    Drop.UNEXPECTED_FDS: "unexpected file descriptors (closed)",
+    Drop.CTRUNC: "control data truncated by the kernel",
+    Drop.BAD_REQUEST_ID: "request id does not fit the packet kind",
+}
+
+
+class Header(NamedTuple):
+    kind: int
+    flags: int
+    request_id: int
+    length: int
+
+
+def pack_header(kind: int, request_id: int, length: int, flags: int = 0) -> bytes:
+    """Return the 24-byte header for a packet."""
+    return HEADER.pack(MAGIC, VERSION, kind, flags, request_id, length)
+
+
+def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[int, Header | None]:
+    """Validate a received packet's header.
+
+    Returns ``(Drop.OK, header)`` or ``(reason, header_or_None)``; the header is
+    returned whenever it could be decoded, so a malformed request can still be
+    answered with an error naming its request id.
+    """
+    if len(packet) < HEADER_SIZE:
+        return Drop.SHORT, None
+    magic, version, kind, flags, request_id, length = HEADER.unpack_from(packet)
+    header = Header(kind, flags, request_id, length)
+    if magic != MAGIC:
+        return Drop.BAD_MAGIC, None
+    if version != VERSION:
+        return Drop.BAD_VERSION, header
+    if kind not in accepted:
+        return Drop.BAD_KIND, header
+    if flags & ~KNOWN_FLAGS:
+        return Drop.BAD_FLAGS, header
+    if length != len(packet) - HEADER_SIZE:
+        return Drop.BAD_LENGTH, header
+    if (request_id == 0) != (kind == Kind.MESSAGE):
+        return Drop.BAD_REQUEST_ID, header
+    return Drop.OK, header
+
+
+SERVER_ACCEPTS = frozenset({Kind.MESSAGE, Kind.REQUEST})
+CLIENT_ACCEPTS = frozenset({Kind.REPLY, Kind.ERROR})
+
+ERROR_CODE = struct.Struct("<H")
+
+
+def pack_error(code: int, text: str) -> bytes:
+    """Payload of an ERROR packet."""
+    return ERROR_CODE.pack(code) + text.encode("utf-8", "replace")[: INLINE_MAX - ERROR_CODE.size]
+
+
+def unpack_error(payload: bytes) -> tuple[int, str]:
+    """Decode an ERROR payload; a short one becomes MALFORMED."""
+    if len(payload) < ERROR_CODE.size:
+        return ErrorCode.MALFORMED, "error reply without a code"
+    (code,) = ERROR_CODE.unpack_from(payload)
+    return code, bytes(payload[ERROR_CODE.size :]).decode("utf-8", "replace")

@@ -1,0 +1,165 @@
+"""The policy protocol: ``policy(peer) -> Decision``.
+
+A policy is any callable taking a :class:`machipc.Peer` and returning a
+:class:`Decision`. Subclassing :class:`Policy` adds the ``&``, ``|`` and ``~``
+operators. Policies must fail closed: when they cannot tell, they deny, and
+their reason says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Union
+
+if TYPE_CHECKING:
+    from machipc.peer import Peer
+
+__all__ = ["Decision", "Policy", "PolicyLike", "SameUser", "AllowAll", "AllOf", "AnyOf", "Not", "as_policy"]
+
+log = logging.getLogger("machipc.policies")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy's verdict on one sender, with a reason a person can read in a log."""
+
+    allowed: bool
+    reason: str
+
+    @classmethod
+    def allow(cls, reason: str) -> "Decision":
+        return cls(True, reason)
+
+    @classmethod
+    def deny(cls, reason: str) -> "Decision":
+        return cls(False, reason)
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+class Policy:
+    """Base class for policies; subclasses implement ``check``."""
+
+    def check(self, peer: "Peer") -> Decision:
+        raise NotImplementedError
+
+    def __call__(self, peer: "Peer") -> Decision:
+        return self.check(peer)
+
+    def __and__(self, other: "PolicyLike") -> "AllOf":
+        return AllOf(self, other)
+
+    def __or__(self, other: "PolicyLike") -> "AnyOf":
+        return AnyOf(self, other)
+
+    def __invert__(self) -> "Not":
+        return Not(self)
+
+
+PolicyLike = Union[Policy, Callable[["Peer"], Decision]]
+
+
+def as_policy(p: PolicyLike) -> PolicyLike:
+    """Check that ``p`` can be used as a policy and return it."""
+    if not callable(p):
+        raise TypeError(f"a policy must be callable as policy(peer) -> Decision, not {type(p).__name__}")
+    return p
+
+
+def _ask(policy: PolicyLike, peer: "Peer") -> Decision:
+    decision = policy(peer)
+    if not isinstance(decision, Decision):
+        # A policy returning True/None by mistake must not open the door.
+        return Decision.deny(f"policy {policy!r} returned {type(decision).__name__}, not a Decision")
+    return decision
+
+
+class SameUser(Policy):
+    """Allow senders whose uid equals ``uid`` (default: the server's effective uid)."""
+
+    def __init__(self, uid: int | None = None) -> None:
+        self.uid = os.geteuid() if uid is None else uid
+
+    def check(self, peer: "Peer") -> Decision:
+        if peer.uid == self.uid:
+            return Decision.allow(f"uid {peer.uid} is the server's uid")
+        return Decision.deny(f"uid {peer.uid} is not the server's uid {self.uid}")
+
+    def __repr__(self) -> str:
+        return f"SameUser(uid={self.uid})"
+
+
+class AllowAll(Policy):
+    """Allow every sender. Explicit on purpose; logs a warning once when first used."""
+
+    _warned = False
+
+    def check(self, peer: "Peer") -> Decision:
+        if not AllowAll._warned:
+            AllowAll._warned = True
+            log.warning("AllowAll policy in use: every local process may talk to this server")
+        return Decision.allow("AllowAll policy")
+
+    def __repr__(self) -> str:
+        return "AllowAll()"
+
+
+class AllOf(Policy):
+    """Allow only if every policy allows; the first denial is the reason."""
+
+    def __init__(self, *policies: PolicyLike) -> None:
+        if not policies:
+            raise ValueError("AllOf needs at least one policy")
+        self.policies = tuple(as_policy(p) for p in policies)
+
+    def check(self, peer: "Peer") -> Decision:
+        reasons = []
+        for p in self.policies:
+            d = _ask(p, peer)
+            if not d.allowed:
+                return d
+            reasons.append(d.reason)
+        return Decision.allow(" and ".join(reasons))
+
+    def __repr__(self) -> str:
+        return f"AllOf{self.policies!r}"
+
+
+class AnyOf(Policy):
+    """Allow if any policy allows; a denial lists every reason."""
+
+    def __init__(self, *policies: PolicyLike) -> None:
+        if not policies:
+            raise ValueError("AnyOf needs at least one policy")
+        self.policies = tuple(as_policy(p) for p in policies)
+
+    def check(self, peer: "Peer") -> Decision:
+        reasons = []
+        for p in self.policies:
+            d = _ask(p, peer)
+            if d.allowed:
+                return d
+            reasons.append(d.reason)
+        return Decision.deny("; ".join(reasons))
+
+    def __repr__(self) -> str:
+        return f"AnyOf{self.policies!r}"
+
+
+class Not(Policy):
+    """Invert a policy."""
+
+    def __init__(self, policy: PolicyLike) -> None:
+        self.policy = as_policy(policy)
+
+    def check(self, peer: "Peer") -> Decision:
+        d = _ask(self.policy, peer)
+        return Decision(not d.allowed, f"not ({d.reason})")
+
+    def __repr__(self) -> str:
+        return f"Not({self.policy!r})"
+
+
