@@ -17,7 +17,7 @@ from .errors import IPCTimeoutError, NotPermitted, ServerClosed, ServiceInUse, e
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
-from .policies import Decision, PolicyLike, SameUser, as_policy
+from .policies import Decision, PolicyLike, SameUser, as_policy, evaluate
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, pack_error
 
@@ -213,21 +213,18 @@ class Server:
 
     def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
         """The Peer for this packet and the policy's decision, reused per process."""
-        if pidfd == SAME_PEER:
+        if isinstance(pidfd, Peer):  # the Mach backend builds the Peer from the audit token
+            peer = pidfd
+        elif pidfd == SAME_PEER:
             return self._peers[conn.id]
-        if pidfd < 0 and self.pidfd_guard == "pidfd_open":
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                pidfd = -1
-        peer = Peer.from_pidfd(pid, uid, gid, pidfd)
-        try:
-            decision = self.policy(peer)
-            if not isinstance(decision, Decision):
-                decision = Decision.deny(f"policy returned {type(decision).__name__}, not a Decision")
-        except Exception as exc:  # a broken policy must fail closed, not kill the server
-            log.exception("policy %r raised for pid %d", self.policy, pid)
-            decision = Decision.deny(f"policy raised {type(exc).__name__}: {exc}")
+        else:
+            if pidfd < 0 and self.pidfd_guard == "pidfd_open":
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    pidfd = -1
+            peer = Peer.from_pidfd(pid, uid, gid, pidfd)
+        decision = evaluate(self.policy, peer)
         entry = (peer, decision)
         if peer.guard is not None:
             self._peers[conn.id] = entry

@@ -3,6 +3,6 @@
 ``machipc.policies.SameUser`` is the default policy of a ``machipc.Server``.
 """
 
-from .base import AllOf, AllowAll, AnyOf, Decision, Not, Policy, PolicyLike, SameUser, as_policy
+from .base import AllOf, AllowAll, AnyOf, Decision, Not, Policy, PolicyLike, SameUser, as_policy, evaluate
 
-__all__ = ["Decision", "Policy", "PolicyLike", "SameUser", "AllowAll", "AllOf", "AnyOf", "Not", "as_policy"]
+__all__ = ["Decision", "Policy", "PolicyLike", "SameUser", "AllowAll", "AllOf", "AnyOf", "Not", "as_policy", "evaluate"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Union
 if TYPE_CHECKING:
     from machipc.peer import Peer
 
-__all__ = ["Decision", "Policy", "PolicyLike", "SameUser", "AllowAll", "AllOf", "AnyOf", "Not", "as_policy"]
+__all__ = ["Decision", "Policy", "PolicyLike", "evaluate", "SameUser", "AllowAll", "AllOf", "AnyOf", "Not", "as_policy"]
 
 log = logging.getLogger("machipc.policies")
 
@@ -69,10 +69,18 @@ def as_policy(p: PolicyLike) -> PolicyLike:
     return p
 
 
-def _ask(policy: PolicyLike, peer: "Peer") -> Decision:
-    decision = policy(peer)
+def evaluate(policy: PolicyLike, peer: "Peer") -> Decision:
+    """Ask ``policy`` about ``peer``, failing closed.
+
+    A policy that raises, or returns something other than a Decision (True or
+    None by mistake), denies: a broken policy must never open the door.
+    """
+    try:
+        decision = policy(peer)
+    except Exception as exc:
+        log.exception("policy %r raised for pid %d", policy, peer.pid)
+        return Decision.deny(f"policy {policy!r} raised {type(exc).__name__}: {exc}")
     if not isinstance(decision, Decision):
-        # A policy returning True/None by mistake must not open the door.
         return Decision.deny(f"policy {policy!r} returned {type(decision).__name__}, not a Decision")
     return decision
 
@@ -118,7 +126,7 @@ class AllOf(Policy):
     def check(self, peer: "Peer") -> Decision:
         reasons = []
         for p in self.policies:
-            d = _ask(p, peer)
+            d = evaluate(p, peer)
             if not d.allowed:
                 return d
             reasons.append(d.reason)
@@ -139,7 +147,7 @@ class AnyOf(Policy):
     def check(self, peer: "Peer") -> Decision:
         reasons = []
         for p in self.policies:
-            d = _ask(p, peer)
+            d = evaluate(p, peer)
             if d.allowed:
                 return d
             reasons.append(d.reason)
@@ -156,7 +164,7 @@ class Not(Policy):
         self.policy = as_policy(policy)
 
     def check(self, peer: "Peer") -> Decision:
-        d = _ask(self.policy, peer)
+        d = evaluate(self.policy, peer)
         return Decision(not d.allowed, f"not ({d.reason})")
 
     def __repr__(self) -> str:

@@ -1,0 +1,539 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Linux transport, Cython implementation (the twin of ``unix.py``).
+
+Same classes, same tuples, same validation as ``machipc/unix.py``, whose module
+docstring documents the interface. System calls run with the GIL released; one
+receive buffer per server is reused for every packet.
+"""
+
+from collections import deque
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EMSGSIZE, EPIPE, errno
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from posix.stat cimport fstat, struct_stat
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close, read, write
+
+from ._posix cimport *
+from ._wire cimport *
+
+from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
+
+IMPLEMENTATION = "c"
+
+# Exported so tests can check they equal machipc.wire's.
+CONSTANTS = {
+    "MAGIC": WIRE_MAGIC, "VERSION": WIRE_VERSION, "HEADER_SIZE": HEADER_SIZE,
+    "INLINE_MAX": INLINE_MAX, "KNOWN_FLAGS": KNOWN_FLAGS,
+    "MESSAGE": KIND_MESSAGE, "REQUEST": KIND_REQUEST, "REPLY": KIND_REPLY, "ERROR": KIND_ERROR,
+    "SHORT": DROP_SHORT, "BAD_MAGIC": DROP_BAD_MAGIC, "BAD_VERSION": DROP_BAD_VERSION,
+    "BAD_KIND": DROP_BAD_KIND, "BAD_FLAGS": DROP_BAD_FLAGS, "BAD_LENGTH": DROP_BAD_LENGTH,
+    "TRUNCATED": DROP_TRUNCATED, "NO_CREDENTIALS": DROP_NO_CREDENTIALS,
+    "UNEXPECTED_FDS": DROP_UNEXPECTED_FDS, "CTRUNC": DROP_CTRUNC,
+    "BAD_REQUEST_ID": DROP_BAD_REQUEST_ID, "CLOSED": DROP_CLOSED,
+}
+
+# Room for credentials, one pidfd and up to 253 unexpected fds (so they can be closed).
+DEF CMSG_BUF = 2048
+DEF MAX_EVENTS = 64
+
+cdef unsigned long long _next_id = 0
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline double _deadline(object timeout) except? -2.0:
+    """Absolute deadline; -1.0 means no limit."""
+    if timeout is None:
+        return -1.0
+    t = float(timeout)
+    if t < 0:
+        raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+    return _now() + t
+
+
+cdef inline int _ms_left(double deadline) noexcept nogil:
+    """Milliseconds to wait (rounded up) until ``deadline``; -1 forever."""
+    cdef double left
+    if deadline < 0:
+        return -1
+    left = deadline - _now()
+    if left <= 0:
+        return 0
+    return <int>(left * 1000.0) + 1
+
+
+cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(7, -1, -1):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef inline void _put64(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (8 * i))
+
+
+cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_t length) noexcept nogil:
+    h[0] = WIRE_MAGIC & 0xFF
+    h[1] = WIRE_MAGIC >> 8
+    h[2] = WIRE_VERSION
+    h[3] = <uint8_t>kind
+    h[4] = h[5] = h[6] = h[7] = 0
+    _put64(h + 8, request_id)
+    _put64(h + 16, length)
+
+
+cdef struct Packet:
+    ssize_t size       # bytes received
+    int status         # DROP_*
+    int kind
+    uint32_t flags
+    uint64_t request_id
+    int pid
+    unsigned int uid
+    unsigned int gid
+    int pidfd
+
+
+cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk) noexcept nogil:
+    """Decode and validate the header (same rules as wire.check_header)."""
+    cdef uint64_t length
+    if n < HEADER_SIZE:
+        return DROP_SHORT
+    if (p[0] | (p[1] << 8)) != WIRE_MAGIC:
+        return DROP_BAD_MAGIC
+    pk.kind = p[3]
+    pk.flags = p[4] | (p[5] << 8) | (p[6] << 16) | (<uint32_t>p[7] << 24)
+    pk.request_id = _le64(p + 8)
+    length = _le64(p + 16)
+    if p[2] != WIRE_VERSION:
+        return DROP_BAD_VERSION
+    if server_side:
+        if pk.kind != KIND_MESSAGE and pk.kind != KIND_REQUEST:
+            return DROP_BAD_KIND
+    elif pk.kind != KIND_REPLY and pk.kind != KIND_ERROR:
+        return DROP_BAD_KIND
+    if pk.flags & ~(<uint32_t>KNOWN_FLAGS):
+        return DROP_BAD_FLAGS
+    if length != <uint64_t>(n - HEADER_SIZE):
+        return DROP_BAD_LENGTH
+    if (pk.request_id == 0) != (pk.kind == KIND_MESSAGE):
+        return DROP_BAD_REQUEST_ID
+    return DROP_OK
+
+
+cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet *pk) noexcept nogil:
+    """One non-blocking recvmsg. Returns 1 (packet or EOF in pk), 0 (nothing queued), -1 (errno)."""
+    cdef iovec iov
+    cdef msghdr msg
+    cdef cmsghdr *c
+    cdef ssize_t n
+    cdef int status = DROP_OK
+    cdef int hstatus
+    cdef bint creds = False
+    cdef int *fds
+    cdef size_t nfds, i
+    cdef ucred cred
+    iov.iov_base = buf
+    iov.iov_len = PACKET_MAX
+    msg.msg_name = NULL
+    msg.msg_namelen = 0
+    msg.msg_iov = &iov
+    msg.msg_iovlen = 1
+    msg.msg_control = cbuf
+    msg.msg_controllen = CMSG_BUF
+    msg.msg_flags = 0
+    while True:
+        n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        if n >= 0:
+            break
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN:
+            return 0
+        if errno == ECONNRESET or errno == EPIPE:
+            n = 0
+            msg.msg_controllen = 0
+            break
+        return -1
+    pk.size = n
+    pk.kind = 0
+    pk.flags = 0
+    pk.request_id = 0
+    pk.pid = 0
+    pk.uid = 0
+    pk.gid = 0
+    pk.pidfd = -1
+    if n == 0 and msg.msg_controllen == 0:
+        pk.status = DROP_CLOSED
+        return 1
+    c = CMSG_FIRSTHDR(&msg)
+    while c != NULL:
+        if c.cmsg_level == SOL_SOCKET:
+            if c.cmsg_type == SCM_CREDENTIALS and c.cmsg_len >= CMSG_LEN(sizeof(ucred)):
+                memcpy_ucred(&cred, CMSG_DATA(c))
+                pk.pid = cred.pid
+                pk.uid = cred.uid
+                pk.gid = cred.gid
+                creds = True
+            elif c.cmsg_type == SCM_PIDFD and c.cmsg_len >= CMSG_LEN(sizeof(int)) and pk.pidfd == -1:
+                pk.pidfd = (<int *>CMSG_DATA(c))[0]
+            elif c.cmsg_type == SCM_RIGHTS:
+                fds = <int *>CMSG_DATA(c)
+                nfds = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
+                for i in range(nfds):
+                    if fds[i] >= 0:
+                        close(fds[i])
+                status = DROP_UNEXPECTED_FDS
+        c = CMSG_NXTHDR(&msg, c)
+    if pk.pidfd < -1:
+        pk.pidfd = -1  # the kernel reports a failed pidfd as a negative errno
+    if msg.msg_flags & MSG_CTRUNC:
+        status = DROP_CTRUNC
+    elif msg.msg_flags & MSG_TRUNC:
+        status = DROP_TRUNCATED
+    elif status == DROP_OK and server_side and (not creds or pk.pid == 0):
+        status = DROP_NO_CREDENTIALS
+    hstatus = _check_header(buf, n, server_side, pk)
+    pk.status = status if status != DROP_OK else hstatus
+    if pk.status != DROP_OK and pk.pidfd >= 0:
+        close(pk.pidfd)
+        pk.pidfd = -1
+    return 1
+
+
+cdef inline void memcpy_ucred(ucred *dst, const unsigned char *src) noexcept nogil:
+    cdef const unsigned char *s = src
+    cdef unsigned char *d = <unsigned char *>dst
+    cdef size_t i
+    for i in range(sizeof(ucred)):
+        d[i] = s[i]
+
+
+cdef class Conn:
+    """One connected SEQPACKET socket; the fd is closed when the last reference goes."""
+
+    cdef readonly unsigned long long id
+    cdef readonly int fd
+    cdef bint server_side
+    cdef bint pidfs
+    cdef bint has_last
+    cdef int last_pid
+    cdef unsigned int last_uid, last_gid
+    cdef unsigned long long last_ino
+    cdef uint8_t *buf    # client side only; a server's connections share its buffer
+    cdef char *cbuf
+
+    def __cinit__(self, sock=None, bint server_side=False, bint pidfs=False):
+        global _next_id
+        _next_id += 1
+        self.id = _next_id
+        self.fd = -1
+        self.server_side = server_side
+        self.pidfs = pidfs
+        if sock is not None:
+            sock.setblocking(False)
+            self.fd = sock.detach()
+        if not server_side:
+            self.buf = <uint8_t *>malloc(PACKET_MAX)
+            self.cbuf = <char *>malloc(CMSG_BUF)
+            if self.buf == NULL or self.cbuf == NULL:
+                raise MemoryError()
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+        free(self.buf)
+        free(self.cbuf)
+
+    def send(self, int kind, unsigned long long request_id, payload, timeout):
+        """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
+        cdef Py_buffer view
+        cdef uint8_t header[HEADER_SIZE]
+        cdef iovec iov[2]
+        cdef msghdr msg
+        cdef ssize_t n
+        cdef int err = 0
+        cdef int rc
+        cdef pollfd pfd
+        cdef double deadline = _deadline(timeout)
+        if self.fd < 0:
+            raise PeerGone("send: the connection is closed")
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            _pack_header(header, kind, request_id, view.len)
+            iov[0].iov_base = header
+            iov[0].iov_len = HEADER_SIZE
+            iov[1].iov_base = view.buf
+            iov[1].iov_len = view.len
+            msg.msg_name = NULL
+            msg.msg_namelen = 0
+            msg.msg_iov = iov
+            msg.msg_iovlen = 2
+            msg.msg_control = NULL
+            msg.msg_controllen = 0
+            msg.msg_flags = 0
+            pfd.fd = self.fd
+            pfd.events = POLLOUT
+            while True:
+                with nogil:
+                    n = sendmsg(self.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    err = errno if n < 0 else 0
+                    if err == EAGAIN:
+                        rc = _ms_left(deadline)
+                        if rc != 0:
+                            poll(&pfd, 1, rc)
+                if err == 0:
+                    return
+                if err == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                if err == EAGAIN:
+                    if _ms_left(deadline) == 0:
+                        raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
+                    continue
+                if err == EPIPE or err == ECONNRESET:
+                    raise PeerGone("send: the peer closed the connection")
+                if err == EMSGSIZE:
+                    raise MessageTooLarge(f"send: a {view.len}-byte payload is too large for one packet")
+                raise error_from_errno(err, "send")
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef object _result(self, Packet *pk, const uint8_t *buf):
+        cdef struct_stat st
+        cdef object payload = b""
+        if pk.status == DROP_OK:
+            payload = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
+            if pk.pidfd >= 0 and self.pidfs and fstat(pk.pidfd, &st) == 0:
+                if (self.has_last and self.last_pid == pk.pid and self.last_uid == pk.uid
+                        and self.last_gid == pk.gid and self.last_ino == st.st_ino):
+                    close(pk.pidfd)
+                    pk.pidfd = SAME_PEER
+                else:
+                    self.has_last = True
+                    self.last_pid = pk.pid
+                    self.last_uid = pk.uid
+                    self.last_gid = pk.gid
+                    self.last_ino = st.st_ino
+        return (pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
+
+    cdef object _recv_nowait(self, uint8_t *buf, char *cbuf):
+        cdef Packet pk
+        cdef int rc
+        with nogil:
+            rc = _recv_packet(self.fd, buf, cbuf, self.server_side, &pk)
+        if rc == 0:
+            return None
+        if rc < 0:
+            raise error_from_errno(errno, "recv")
+        return self._result(&pk, buf)
+
+    def recv(self, timeout):
+        """Wait up to ``timeout`` for one packet (None on timeout)."""
+        cdef double deadline = _deadline(timeout)
+        cdef pollfd pfd
+        cdef int ms, rc
+        cdef Packet pk
+        if self.buf == NULL:
+            raise TypeError("recv() is for client connections; servers use ServerTransport.recv()")
+        if self.fd < 0:
+            return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+        pfd.fd = self.fd
+        pfd.events = POLLIN
+        while True:
+            ms = _ms_left(deadline)
+            with nogil:
+                # Wait first: a reply is almost never there yet, so this saves a recvmsg.
+                rc = poll(&pfd, 1, ms) if ms != 0 else 1
+                if rc > 0:
+                    rc = _recv_packet(self.fd, self.buf, self.cbuf, self.server_side, &pk)
+                    if rc == 0:
+                        rc = -2  # spurious wake-up
+            if rc == 1:
+                return self._result(&pk, self.buf)
+            if rc == -1:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                raise error_from_errno(errno, "recv")
+            if ms == 0 or (rc == 0 and _ms_left(deadline) == 0):
+                return None
+
+    def recv_nowait(self):
+        """Receive one packet if one is queued (None if not)."""
+        if self.buf == NULL:
+            raise TypeError("recv_nowait() is for client connections")
+        return self._recv_nowait(self.buf, self.cbuf)
+
+    def shutdown(self):
+        """Tell the peer we are gone (EOF on its side); the fd stays open until released."""
+        if self.fd >= 0:
+            shutdown(self.fd, SHUT_RDWR)
+
+    def close(self):
+        cdef int fd = self.fd
+        self.fd = -1
+        if fd >= 0:
+            close(fd)
+
+
+cdef class ServerTransport:
+    """Accepts connections and returns the next packet from any of them."""
+
+    cdef int listen_fd
+    cdef int epfd
+    cdef int wakefd
+    cdef bint pidfs
+    cdef object listener
+    cdef dict conns       # fd -> Conn
+    cdef object ready     # deque of Conn with packets (probably) queued
+    cdef uint8_t *buf
+    cdef char *cbuf
+    cdef epoll_event events[MAX_EVENTS]
+
+    def __cinit__(self, listener, bint pidfs):
+        cdef epoll_event ev
+        self.epfd = -1
+        self.wakefd = -1
+        self.buf = <uint8_t *>malloc(PACKET_MAX)
+        self.cbuf = <char *>malloc(CMSG_BUF)
+        if self.buf == NULL or self.cbuf == NULL:
+            raise MemoryError()
+        listener.setblocking(False)
+        self.listener = listener
+        self.listen_fd = listener.fileno()
+        self.pidfs = pidfs
+        self.conns = {}
+        self.ready = deque()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.epfd < 0 or self.wakefd < 0:
+            raise error_from_errno(errno, "epoll/eventfd")
+        ev.events = EPOLLIN
+        ev.data.fd = self.listen_fd
+        epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev)
+        ev.data.fd = self.wakefd
+        epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wakefd, &ev)
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.wakefd >= 0:
+            close(self.wakefd)
+        free(self.buf)
+        free(self.cbuf)
+
+    @property
+    def connections(self):
+        return len(self.conns)
+
+    def recv(self, timeout):
+        """Next packet or connection-closed event from any client.
+
+        None when ``timeout`` passed or ``wakeup()`` was called.
+        """
+        cdef double deadline = _deadline(timeout)
+        cdef int n, i, fd, ms
+        cdef bint woken
+        cdef Conn conn
+        cdef uint64_t junk
+        if self.epfd < 0:
+            return None
+        while True:
+            while self.ready:
+                conn = self.ready[0]
+                got = conn._recv_nowait(self.buf, self.cbuf)
+                if got is None:
+                    self.ready.popleft()
+                    continue
+                self.ready.rotate(-1)  # one packet per connection per turn: fairness
+                if got[0] == DROP_CLOSED:
+                    self._drop(conn)
+                return got
+            ms = _ms_left(deadline)
+            with nogil:
+                n = epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
+            if n < 0:
+                if errno != EINTR:
+                    raise error_from_errno(errno, "epoll_wait")
+                PyErr_CheckSignals()
+                n = 0
+            woken = False
+            for i in range(n):
+                fd = self.events[i].data.fd
+                if fd == self.wakefd:
+                    read(self.wakefd, &junk, sizeof(junk))
+                    woken = True
+                elif fd == self.listen_fd:
+                    self._accept()
+                else:
+                    conn = self.conns.get(fd)
+                    if conn is not None and conn not in self.ready:
+                        self.ready.append(conn)
+            if (woken or (ms >= 0 and _ms_left(deadline) == 0)) and not self.ready:
+                return None
+
+    cdef _accept(self):
+        cdef int fd
+        cdef Conn conn
+        cdef epoll_event ev
+        while True:
+            with nogil:
+                fd = accept4(self.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                # EAGAIN: done; EMFILE/ENFILE/ENOMEM: leave it queued for later;
+                # ECONNABORTED: that client gave up, try the next one.
+                if errno == EINTR or errno == 103:  # ECONNABORTED
+                    continue
+                return
+            conn = Conn.__new__(Conn, None, True, self.pidfs)
+            conn.fd = fd
+            self.conns[fd] = conn
+            ev.events = EPOLLIN
+            ev.data.fd = fd
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
+
+    cdef _drop(self, Conn conn):
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
+        try:
+            self.ready.remove(conn)
+        except ValueError:
+            pass
+        conn.shutdown()
+
+    def disconnect(self, Conn conn):
+        """Stop serving ``conn`` (e.g. a hostile peer); its fd closes when released."""
+        self._drop(conn)
+
+    def wakeup(self):
+        """Make a blocked ``recv`` return None soon (safe from any thread or signal handler)."""
+        cdef uint64_t one = 1
+        if self.wakefd >= 0:
+            write(self.wakefd, &one, sizeof(one))
+
+    def close(self):
+        """Release everything; only call when no thread is inside ``recv``."""
+        for conn in list(self.conns.values()):
+            self._drop(conn)
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        if self.wakefd >= 0:
+            close(self.wakefd)
+            self.wakefd = -1
+        self.listener.close()
