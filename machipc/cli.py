@@ -1,0 +1,107 @@
+"""``python -m machipc`` / ``machipc``: serve, send, request, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from . import policies
+from .client import Client
+from .errors import IPCError
+from .message import Message
+from .server import Server
+
+POLICIES = {
+    "same-user": policies.SameUser,
+    "allow-all": policies.AllowAll,
+}
+
+
+def _describe(msg: Message) -> str:
+    s = msg.sender
+    kind = "request" if msg.expects_reply else "message"
+    return f"{kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {s.exe or '?'}: {bytes(msg.data)!r}"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    policy = POLICIES[args.policy]()
+    with Server(args.name, policy, enforce=not args.report_only, directory=args.directory) as srv:
+        print(f"serving {args.name!r} at {srv.path} with {policy!r}; Ctrl-C to stop", flush=True)
+
+        def handle(msg: Message) -> Optional[bytes]:
+            print(_describe(msg), flush=True)
+            return bytes(msg.data) if args.echo else b"ok"
+
+        srv.serve(handle)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    with Client(args.name, timeout=args.timeout, directory=args.directory) as cli:
+        cli.send(args.data.encode())
+    return 0
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    with Client(args.name, timeout=args.timeout, directory=args.directory) as cli:
+        reply = cli.request(args.data.encode())
+    sys.stdout.write(reply.decode("utf-8", "backslashreplace") + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(clients=args.clients)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="machipc",
+        description="Kernel-authenticated local IPC: the kernel tells the server who sent each message.",
+        epilog="Service names map to sockets in $MACHIPC_RUNTIME_DIR, else $XDG_RUNTIME_DIR/machipc, "
+        "else /run/machipc (root).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", help="service name, e.g. org.example.echo")
+        p.add_argument("--directory", help="socket directory (overrides the runtime-dir lookup)")
+
+    p = sub.add_parser("serve", help="serve NAME, printing each message with its sender")
+    common(p)
+    p.add_argument("--policy", choices=sorted(POLICIES), default="same-user", help="who may talk (default: same-user)")
+    p.add_argument("--report-only", action="store_true", help="log what the policy would reject, but let it through")
+    p.add_argument("--echo", action="store_true", help="answer requests with their own payload (default: b'ok')")
+    p.set_defaults(func=cmd_serve)
+
+    for name, func, what in (("send", cmd_send, "send a one-way message"), ("request", cmd_request, "send a request and print the reply")):
+        p = sub.add_parser(name, help=f"{what} to NAME")
+        common(p)
+        p.add_argument("data", help="payload (UTF-8 text)")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="run a server and client processes; shows accepted and rejected senders")
+    p.add_argument("--clients", type=int, default=3, help="number of trusted client processes (default 3)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except IPCError as exc:
+        print(f"machipc: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
