@@ -247,10 +247,13 @@ cdef class Conn:
             sock.setblocking(False)
             self.fd = sock.detach()
         if not server_side:
-            self.buf = <uint8_t *>malloc(PACKET_MAX)
-            self.cbuf = <char *>malloc(CMSG_BUF)
-            if self.buf == NULL or self.cbuf == NULL:
-                raise MemoryError()
+            self._alloc_buffers()
+
+    cdef _alloc_buffers(self):
+        self.buf = <uint8_t *>malloc(PACKET_MAX)
+        self.cbuf = <char *>malloc(CMSG_BUF)
+        if self.buf == NULL or self.cbuf == NULL:
+            raise MemoryError()
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -348,7 +351,7 @@ cdef class Conn:
         cdef int ms, rc
         cdef Packet pk
         if self.buf == NULL:
-            raise TypeError("recv() is for client connections; servers use ServerTransport.recv()")
+            self._alloc_buffers()
         if self.fd < 0:
             return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
         pfd.fd = self.fd
@@ -375,7 +378,7 @@ cdef class Conn:
     def recv_nowait(self):
         """Receive one packet if one is queued (None if not)."""
         if self.buf == NULL:
-            raise TypeError("recv_nowait() is for client connections")
+            self._alloc_buffers()
         return self._recv_nowait(self.buf, self.cbuf)
 
     def shutdown(self):

@@ -1,0 +1,98 @@
+"""Header packing and validation, and agreement between wire.py and the Cython constants."""
+
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from machipc import _backend, wire
+from machipc.wire import HEADER_SIZE, Drop, ErrorCode, Kind, check_header, pack_header
+
+
+def packet(kind=Kind.REQUEST, rid=7, payload=b"abc", **override):
+    fields = dict(magic=wire.MAGIC, version=wire.VERSION, kind=kind, flags=0, rid=rid, length=len(payload))
+    fields.update(override)
+    return wire.HEADER.pack(*fields.values()) + payload
+
+
+def test_header_is_24_bytes_little_endian():
+    h = pack_header(Kind.REQUEST, 0x0102030405060708, 5)
+    assert len(h) == HEADER_SIZE == 24
+    assert h[:2] == b"mi" and h[2] == 1 and h[3] == 2
+    assert h[8:16] == bytes([8, 7, 6, 5, 4, 3, 2, 1])
+    assert h[16:24] == (5).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (packet(), Drop.OK),
+        (packet(kind=Kind.MESSAGE, rid=0), Drop.OK),
+        (b"mi\x01", Drop.SHORT),
+        (packet(magic=0x1234), Drop.BAD_MAGIC),
+        (packet(version=2), Drop.BAD_VERSION),
+        (packet(kind=Kind.REPLY), Drop.BAD_KIND),
+        (packet(kind=9), Drop.BAD_KIND),
+        (packet(flags=1), Drop.BAD_FLAGS),
+        (packet(length=4), Drop.BAD_LENGTH),
+        (packet(length=2**64 - 1), Drop.BAD_LENGTH),
+        (packet(kind=Kind.MESSAGE, rid=3), Drop.BAD_REQUEST_ID),
+        (packet(kind=Kind.REQUEST, rid=0), Drop.BAD_REQUEST_ID),
+    ],
+)
+def test_check_header(data, expected):
+    assert check_header(data, wire.SERVER_ACCEPTS)[0] == expected
+
+
+def test_error_payload_round_trip():
+    assert wire.unpack_error(wire.pack_error(ErrorCode.REJECTED, "no")) == (ErrorCode.REJECTED, "no")
+    assert wire.unpack_error(b"\x01")[0] == ErrorCode.MALFORMED
+
+
+@pytest.mark.skipif(_backend._compiled is None, reason="Cython extension not built")
+def test_cython_constants_match_wire():
+    c = _backend._compiled.CONSTANTS
+    assert c["MAGIC"] == wire.MAGIC and c["VERSION"] == wire.VERSION
+    assert c["HEADER_SIZE"] == wire.HEADER_SIZE and c["INLINE_MAX"] == wire.INLINE_MAX
+    assert c["KNOWN_FLAGS"] == wire.KNOWN_FLAGS
+    for kind in Kind:
+        assert c[kind.name] == kind
+    for drop in Drop:
+        if drop != Drop.OK:
+            assert c[drop.name] == drop, drop
+
+
+def _classify(impl: str, data: bytes):
+    """Send ``data`` over a real socketpair into a server-side Conn of ``impl``."""
+    mod = _backend.transport(impl)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    conn = mod.Conn(b, True, False)
+    a.send(data)
+    got = conn.recv(1.0)
+    a.close()
+    return got[0], got[2:5], bytes(got[5])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kind=st.integers(0, 255),
+    rid=st.sampled_from([0, 1, 2**64 - 1]),
+    flags=st.sampled_from([0, 1, 2**31]),
+    payload=st.binary(max_size=64),
+    delta=st.sampled_from([0, 0, 0, 1, -1, 2**40]),
+    version=st.sampled_from([1, 1, 0, 2]),
+    cut=st.integers(0, 30),
+)
+def test_both_transports_classify_packets_alike(kind, rid, flags, payload, delta, version, cut):
+    length = max(0, len(payload) + delta)
+    data = wire.HEADER.pack(wire.MAGIC, version, kind, flags, rid, length) + payload
+    if cut < HEADER_SIZE and cut % 3 == 0:
+        data = data[:cut]
+    expected_status, header = check_header(data, wire.SERVER_ACCEPTS)
+    for impl in ["py"] + (["c"] if _backend._compiled is not None else []):
+        status, fields, body = _classify(impl, data)
+        assert status == expected_status, impl
+        if status == Drop.OK:
+            assert fields == (kind, flags, rid) and body == payload
