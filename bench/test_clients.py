@@ -1,0 +1,46 @@
+"""Many clients (1, 4, 16 processes) doing 64 B request/reply against one server.
+
+Every client is its own process (``peers.py drive`` / ``c_floor drive``); a
+round tells all of them to make N requests at once and ends when the last one
+has its answers. Reported: total requests per second.
+"""
+
+import pytest
+
+from conftest import BACKENDS, Driven, need, run_case, start_server
+
+SIZE = 64
+
+
+@pytest.fixture
+def fleet(request, sockdir):
+    backend, k = request.param
+    if backend == "c-nopidfd":
+        pytest.skip("the pidfd-less floor is only measured one-to-one")
+    need(backend)
+    server, addr = start_server(backend, sockdir)
+    clients = []
+    try:
+        for _ in range(k):
+            clients.append(Driven(backend, addr))
+        yield backend, k, clients
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("fleet", [(b, k) for k in (1, 4, 16) for b in BACKENDS], indirect=True,
+                         ids=lambda p: f"{p[0]}-{p[1]}")
+def test_clients(benchmark, fleet, quick):
+    backend, k, clients = fleet
+    per = max(50, (400 if quick else 2000) // k)
+
+    def round_():
+        for c in clients:
+            c.start("rtt", SIZE, per)
+        for c in clients:
+            c.finish()
+
+    run_case(benchmark, quick, round_, case=f"{k} clients rtt 64 B", backend=backend, messages=per * k, size=SIZE,
+             kind="throughput", clients=k, rounds=(3, 8))

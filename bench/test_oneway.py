@@ -1,0 +1,37 @@
+"""One-way 64 B messages: one call per message, and batched where the API has it.
+
+A round sends N messages, then one sync request that proves all N arrived in
+order from the right pid; the sync's round trip is included in the round.
+"""
+
+import pytest
+
+from conftest import BACKENDS, run_case
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+def test_oneway_64(benchmark, pair, quick):
+    n = 5000 if quick else 20000
+    run_case(benchmark, quick, lambda: pair.client.oneway(SIZE, n), case="one-way 64 B", backend=pair.backend,
+             messages=n, size=SIZE, kind="throughput")
+
+
+BATCH = 32
+NO_BATCH_API = {
+    "socket": "Python's socket module has no sendmmsg",
+    "mpconn": "multiprocessing.connection has no batch send",
+    "zmq": "pyzmq has no batch send (PUSH already batches inside libzmq: see one-way)",
+}
+
+
+@pytest.mark.parametrize("pair", ["c", "c-nopidfd", "socket", "mpconn", "zmq", "machipc-py", "machipc-c"], indirect=True)
+def test_oneway_batched_64(benchmark, pair, quick):
+    if pair.backend in NO_BATCH_API:
+        pytest.skip(NO_BATCH_API[pair.backend])
+    if pair.backend.startswith("machipc") and not hasattr(pair.client.cli, "send_many"):
+        pytest.skip("machipc.Client has no batch API (send_many) yet")
+    n = 5000 if quick else 20000
+    run_case(benchmark, quick, lambda: pair.client.batch(SIZE, n, BATCH), case=f"one-way batched 64 B (x{BATCH})",
+             backend=pair.backend, messages=n, size=SIZE, kind="throughput", batch=BATCH)

@@ -1,0 +1,36 @@
+"""One-way throughput by payload size (bytes delivered to the receiver per second).
+
+Up to 64 KiB every transport sends inline. Above it the C floor and the raw
+socket baseline send a fresh sealed memfd per message (SCM_RIGHTS) that the
+receiver maps read-only and copies out; multiprocessing and zmq stream the
+bytes; machipc skips until its memfd path lands (MessageTooLarge).
+"""
+
+import pytest
+
+import machipc
+from conftest import BACKENDS, run_case
+
+KiB, MiB = 1024, 1024 * 1024
+SIZES = [1 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
+# messages per round (full, quick): about 10-300 MB per round
+COUNTS = {1 * KiB: (20000, 5000), 64 * KiB: (2000, 300), 1 * MiB: (200, 30), 16 * MiB: (16, 3), 64 * MiB: (4, 1)}
+
+
+def label(size):
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
+
+
+@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+@pytest.mark.parametrize("size", SIZES, ids=label)
+def test_payload(benchmark, pair, quick, size):
+    if pair.backend == "c-nopidfd":
+        pytest.skip("the pidfd-less floor is only measured for 64 B messages")
+    n = COUNTS[size][1 if quick else 0]
+    if pair.backend.startswith("machipc"):
+        try:
+            pair.client.oneway(size, 1)
+        except machipc.MessageTooLarge as exc:
+            pytest.skip(f"machipc: {exc} (large payloads come with the memfd path)")
+    run_case(benchmark, quick, lambda: pair.client.oneway(size, n), case=f"payload {label(size)}", backend=pair.backend,
+             messages=n, size=size, kind="throughput", rounds=(2, 5) if size >= 16 * MiB else (3, 10))
