@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 from . import _backend
-from .errors import IPCTimeoutError, NotPermitted, ServerClosed, ServiceInUse, error_from_errno
+from .errors import IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
@@ -264,6 +264,7 @@ class Server:
                 except ServerClosed:
                     return
                 self._dispatch(handler, msg)
+                del msg  # drop the last connection's reference so its fd can close
         finally:
             for signum, previous in restore:
                 signal.signal(signum, previous)
@@ -276,14 +277,20 @@ class Server:
             self.stats.handler_errors += 1
             log.exception("handler failed on %r", msg)
             if msg.expects_reply and not msg.answered:
-                self._try(msg.fail, f"handler raised {type(exc).__name__}")
+                self._answer(msg.fail, f"handler raised {type(exc).__name__}")
             return
         if msg.expects_reply and not msg.answered:
-            self._try(msg.reply, b"" if result is None else result)
+            self._answer(msg.reply, b"" if result is None else result, msg)
 
-    def _try(self, answer, arg) -> None:
+    def _answer(self, answer: Callable, arg, msg: Optional[Message] = None) -> None:
+        """Send a reply (or error); a reply that cannot be sent becomes an error reply."""
         try:
             answer(arg)
+        except MessageTooLarge as exc:
+            self.stats.handler_errors += 1
+            log.warning("handler's reply is unsendable: %s", exc)
+            if msg is not None:
+                self._answer(msg.fail, str(exc))
         except Exception as exc:
             self.stats.reply_errors += 1
             log.warning("could not answer request: %s", exc)

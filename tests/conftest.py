@@ -72,3 +72,15 @@ def python_client(sockdir: str, impl: str, body: str, name: str = "org.test.svc"
     """argv running ``body`` in a new Python process with ``c`` connected to ``name``."""
     code = "import machipc, os, sys\n" + f"c = machipc.Client({name!r}, directory={sockdir!r}, impl={impl!r})\n"
     return [sys.executable, "-c", code + textwrap.dedent(body)]
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Poll ``condition()`` until true or ``timeout``; returns its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        time.sleep(0.005)
+    return True

@@ -1,0 +1,358 @@
+"""End-to-end: Server and Client over real sockets and real processes, both transports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import machipc
+from machipc import policies, wire
+from machipc.wire import Kind
+
+from conftest import python_client, wait_for
+
+
+def test_request_round_trip(serve, client):
+    serve()
+    cli = client()
+    assert cli.request(b"ping", timeout=5) == b"echo:ping"
+    assert cli.request(b"", timeout=5) == b"echo:"
+    big = b"x" * (wire.INLINE_MAX - 5)
+    assert cli.request(big, timeout=5) == b"echo:" + big
+    # A reply over the limit becomes an error reply, never silence.
+    with pytest.raises(machipc.RemoteError, match="limit"):
+        cli.request(big + b"!", timeout=5)
+
+
+def test_one_way_messages_arrive_in_order(impl, sockdir, client):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        cli = client()
+        for i in range(200):
+            cli.send(b"%d" % i)
+        got = [int(srv.receive(timeout=5).data) for _ in range(200)]
+        assert got == list(range(200))
+        assert srv.stats.received == 200
+
+
+def test_sender_identity_is_the_real_process(impl, sockdir):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        proc = subprocess.Popen(
+            python_client(sockdir, impl, "c.send(b'%d' % os.getpid()); print(os.getpid())"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        msg = srv.receive(timeout=10)
+        out, _ = proc.communicate(timeout=10)
+        assert msg.sender.pid == int(out) == int(msg.data) == proc.pid
+        assert (msg.sender.uid, msg.sender.gid) == (os.geteuid(), os.getegid())
+        assert msg.sender.guard is not None
+        assert not msg.expects_reply
+
+
+def test_many_client_processes_at_once(serve, impl, sockdir):
+    serve(lambda m: b"%d" % m.sender.pid)
+    body = "for _ in range(20): assert int(c.request(b'hi', timeout=10)) == os.getpid()\nprint('ok')"
+    procs = [subprocess.Popen(python_client(sockdir, impl, body), stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.strip() == "ok"
+
+
+def test_concurrent_requests_from_threads_get_their_own_replies(serve, client):
+    serve()
+    cli = client()
+    errors = []
+
+    def worker(n):
+        try:
+            for i in range(100):
+                payload = b"%d-%d" % (n, i)
+                assert cli.request(payload, timeout=10) == b"echo:" + payload
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+def test_request_timeout(serve, client):
+    release = threading.Event()
+    serve(lambda m: release.wait(5) and b"late")
+    cli = client()
+    t0 = time.monotonic()
+    with pytest.raises(machipc.IPCTimeoutError) as info:
+        cli.request(b"slow", timeout=0.3)
+    assert isinstance(info.value, TimeoutError)
+    assert 0.25 < time.monotonic() - t0 < 3
+    release.set()
+    # The late reply is discarded; the next request gets its own answer.
+    assert cli.request(b"next", timeout=5) == b"late"
+
+
+def test_receive_timeout(impl, sockdir):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        with pytest.raises(TimeoutError):
+            srv.receive(timeout=0.1)
+        with pytest.raises(ValueError):
+            srv.receive(timeout=-1)
+
+
+def test_unknown_service(impl, sockdir):
+    with pytest.raises(machipc.ServiceNotFound) as info:
+        machipc.Client("org.nobody.here", directory=sockdir, impl=impl)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_rejected_request_gets_a_rejection(serve, client):
+    srv = serve(policy=policies.SameUser(uid=os.geteuid() + 4242))
+    cli = client()
+    with pytest.raises(machipc.Rejected) as info:
+        cli.request(b"let me in", timeout=5)
+    assert isinstance(info.value, PermissionError)
+    cli.send(b"one-way is dropped, and counted")
+    with pytest.raises(machipc.Rejected):
+        cli.request(b"sync", timeout=5)
+    assert srv.stats.rejected == 3 and srv.stats.received == 0
+
+
+def test_report_only_lets_through(serve, client):
+    srv = serve(policy=policies.SameUser(uid=os.geteuid() + 1), enforce=False)
+    assert client().request(b"hi", timeout=5) == b"echo:hi"
+    assert srv.stats.would_reject == 1 and srv.stats.rejected == 0
+
+
+def test_broken_policy_fails_closed(serve, client):
+    srv = serve(policy=lambda peer: True)  # not a Decision
+    with pytest.raises(machipc.Rejected):
+        client().request(b"hi", timeout=5)
+
+    def boom(peer):
+        raise RuntimeError("bug")
+
+    srv2 = serve(policy=boom, name="org.test.boom")
+    with pytest.raises(machipc.Rejected):
+        client(name="org.test.boom").request(b"hi", timeout=5)
+    assert srv.stats.rejected == srv2.stats.rejected == 1
+
+
+def test_oversized_payload(serve, client):
+    srv = serve(max_size=100)
+    cli = client()
+    with pytest.raises(machipc.MessageTooLarge) as info:
+        cli.request(b"x" * (wire.INLINE_MAX + 1))
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(machipc.MessageTooLarge, match="limit of 100"):
+        cli.request(b"x" * 101, timeout=5)
+    assert cli.request(b"x" * 100, timeout=5) == b"echo:" + b"x" * 100
+    assert srv.stats.too_large == 1
+
+
+def test_handler_error_becomes_remote_error(serve, client):
+    def handler(msg):
+        if msg.data == b"bad":
+            raise KeyError("oops")
+        return b"fine"
+
+    srv = serve(handler)
+    cli = client()
+    with pytest.raises(machipc.RemoteError, match="KeyError"):
+        cli.request(b"bad", timeout=5)
+    assert cli.request(b"good", timeout=5) == b"fine"
+    assert srv.stats.handler_errors == 1
+
+
+def test_reply_to_one_way_is_an_error(impl, sockdir, client):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        client().send(b"x")
+        msg = srv.receive(timeout=5)
+        with pytest.raises(machipc.InvalidArgument, match="one-way"):
+            msg.reply(b"no")
+
+
+def test_double_reply_is_an_error(impl, sockdir, client):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        cli = client()
+        t = threading.Thread(target=lambda: cli.request(b"x", timeout=5))
+        t.start()
+        msg = srv.receive(timeout=5)
+        msg.reply(b"one")
+        with pytest.raises(machipc.InvalidArgument, match="already answered"):
+            msg.reply(b"two")
+        t.join(5)
+
+
+def test_server_close_wakes_blocked_client(serve, client):
+    started, release = threading.Event(), threading.Event()
+    srv = serve(lambda m: started.set() or release.wait(30))
+    cli = client()
+    errors = []
+
+    def blocked():
+        try:
+            cli.request(b"hang", timeout=20)
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    assert started.wait(5)
+    # close() from another thread while the handler is busy: the receive loop
+    # is outside receive() so teardown happens now and the client sees EOF.
+    threading.Thread(target=srv.close).start()
+    t.join(10)
+    release.set()
+    assert not t.is_alive()
+    assert errors and isinstance(errors[0], ConnectionError), errors
+
+
+def test_close_wakes_blocked_receive(impl, sockdir):
+    srv = machipc.Server("org.test.svc", directory=sockdir, impl=impl)
+    errors = []
+
+    def receiver():
+        try:
+            srv.receive(timeout=30)
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=receiver)
+    t.start()
+    time.sleep(0.2)
+    srv.close()
+    t.join(5)
+    assert not t.is_alive() and isinstance(errors[0], machipc.ServerClosed)
+    assert not os.path.exists(srv.path)
+    srv.close()  # idempotent
+
+
+def test_garbage_from_raw_socket_is_dropped_and_others_served(serve, client):
+    srv = serve()
+    good = client()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    raw.connect(srv.path)
+    bad_packets = [
+        b"",
+        b"short",
+        b"\x00" * 24,
+        wire.HEADER.pack(wire.MAGIC, 1, Kind.REPLY, 0, 5, 0),
+        wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 0, 6, 999) + b"lie",
+        wire.HEADER.pack(wire.MAGIC, 7, Kind.REQUEST, 0, 8, 0),
+    ]
+    for p in bad_packets:
+        raw.send(p)
+        assert good.request(b"still there?", timeout=5) == b"echo:still there?"
+    # A request whose header was readable gets a MALFORMED error back.
+    raw.settimeout(5)
+    answers = [wire.HEADER.unpack_from(raw.recv(100)) for _ in range(2)]
+    assert {a[4] for a in answers} == {6, 8} and {a[2] for a in answers} == {Kind.ERROR}
+    assert wait_for(lambda: srv.stats.dropped_total == len(bad_packets))
+    assert set(srv.stats.dropped) == {"SHORT", "BAD_MAGIC", "BAD_KIND", "BAD_LENGTH", "BAD_VERSION"}
+    raw.close()
+
+
+def test_unexpected_fds_are_closed(serve, client):
+    srv = serve()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    raw.connect(srv.path)
+    r, w = os.pipe()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        socket.send_fds(raw, [wire.pack_header(Kind.MESSAGE, 0, 1) + b"x"], [r, w])
+    assert wait_for(lambda: srv.stats.dropped["UNEXPECTED_FDS"] == 20)
+    assert client().request(b"sync", timeout=5) == b"echo:sync"
+    # +3: the new client socket and the server ends of it and of raw; 40 fds were passed.
+    assert len(os.listdir("/proc/self/fd")) <= before + 3
+    raw.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_service_in_use_and_stale_socket(impl, sockdir):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        with pytest.raises(machipc.ServiceInUse):
+            machipc.Server("org.test.svc", directory=sockdir, impl=impl)
+        path = srv.path
+    # A crashed server leaves its socket behind: the next server replaces it.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(path)
+    s.close()
+    assert os.path.exists(path)
+    with pytest.raises(machipc.ServiceNotFound, match="stale"):
+        machipc.Client("org.test.svc", directory=sockdir, impl=impl)
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        with machipc.Client("org.test.svc", directory=sockdir, impl=impl) as cli:
+            cli.send(b"hello")
+            assert srv.receive(timeout=5).data == b"hello"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a socket to another user")
+def test_squatted_socket_refused(impl, sockdir):
+    path = os.path.join(sockdir, "org.test.svc")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(path)
+    s.listen()
+    os.chown(path, 65534, 65534)
+    with pytest.raises(machipc.NotPermitted, match="squatting"):
+        machipc.Client("org.test.svc", directory=sockdir, impl=impl)
+    with pytest.raises(machipc.NotPermitted, match="squatting"):
+        machipc.Server("org.test.svc", directory=sockdir, impl=impl)
+    s.close()
+
+
+def test_socket_mode_is_set_before_listen(impl, sockdir):
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl, mode=0o600) as srv:
+        assert os.stat(srv.path).st_mode & 0o777 == 0o600
+
+
+def test_sigterm_stops_serve(impl, sockdir):
+    code = (
+        "import machipc, sys\n"
+        f"srv = machipc.Server('org.test.sig', directory={sockdir!r}, impl={impl!r})\n"
+        "print('ready', flush=True)\n"
+        "srv.serve(lambda m: b'ok')\n"
+        "srv.close()\n"
+        "print('stopped', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    with machipc.Client("org.test.sig", directory=sockdir, impl=impl) as cli:
+        assert cli.request(b"x", timeout=5) == b"ok"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and out.strip() == "stopped"
+    assert not os.path.exists(os.path.join(sockdir, "org.test.sig"))
+
+
+def test_client_after_server_gone(impl, sockdir):
+    srv = machipc.Server("org.test.svc", directory=sockdir, impl=impl)
+    cli = machipc.Client("org.test.svc", directory=sockdir, impl=impl)
+    srv.close()
+    with pytest.raises(ConnectionError):
+        cli.request(b"x", timeout=5)
+    with pytest.raises(ConnectionError):
+        cli.send(b"x")
+    cli.close()
+
+
+def test_no_fd_leak_over_many_connections(serve, impl, sockdir):
+    srv = serve()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with machipc.Client("org.test.svc", directory=sockdir, impl=impl) as cli:
+            cli.request(b"x", timeout=5)
+    deadline = time.monotonic() + 5
+    while srv.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.connections == 0
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
