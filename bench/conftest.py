@@ -101,7 +101,7 @@ def need(backend: str) -> None:
 class Proc:
     """A child process that prints ``READY <pid> ...`` once it is usable."""
 
-    def __init__(self, argv: list[str], env: dict | None = None, stdin: bool = False) -> None:
+    def __init__(self, argv: list[str], env: dict | None = None, stdin: bool = False, cpus: set[int] | None = None) -> None:
         self.argv = argv
         self.p = subprocess.Popen(
             argv,
@@ -111,6 +111,8 @@ class Proc:
             text=True,
             bufsize=1,
             env={**os.environ, **(env or {})},
+            # before exec, so every thread the child starts (zmq's I/O thread) inherits it
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         line = self.p.stdout.readline()
         if not line.startswith("READY"):
@@ -146,13 +148,13 @@ class Proc:
 class Driven:
     """A client in its own process (c_floor drive or peers.py drive), run by commands."""
 
-    def __init__(self, backend: str, addr: str) -> None:
+    def __init__(self, backend: str, addr: str, cpus: set[int] | None = None) -> None:
         if backend.startswith("c"):
             argv = [str(C_FLOOR), "drive", addr]
         else:
             name, _, impl = backend.partition("-")
             argv = [sys.executable, str(HERE / "peers.py"), "drive", name, addr, "--impl", impl or "py"]
-        self.proc = Proc(argv, stdin=True)
+        self.proc = Proc(argv, stdin=True, cpus=cpus)
         self.pid = self.proc.pid
 
     def start(self, op: str, size: int, count: int, batch: int = 0) -> None:
@@ -195,40 +197,72 @@ def sockdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def start_server(backend: str, sockdir: str, policy: str = "sameuser") -> tuple[Proc, str]:
+def start_server(backend: str, sockdir: str, policy: str = "sameuser", cpus: set[int] | None = None) -> tuple[Proc, str]:
     """Start ``backend``'s server in its own process; returns it and its address."""
     need(backend)
     addr = os.path.join(sockdir, f"s{next(_serial)}")
     if backend.startswith("c"):
         env = {"C_FLOOR_NO_PIDFD": "1"} if backend == "c-nopidfd" else None
-        return Proc([str(C_FLOOR), "serve", addr], env=env), addr
+        return Proc([str(C_FLOOR), "serve", addr], env=env, cpus=cpus), addr
     name, _, impl = backend.partition("-")
     argv = [sys.executable, str(HERE / "peers.py"), "serve", name, addr, "--impl", impl or "py", "--policy", policy]
-    return Proc(argv), addr
+    return Proc(argv, cpus=cpus), addr
 
 
-def make_client(backend: str, addr: str):
-    """A client for ``backend``: in this process for Python backends, driven for C."""
+def make_client(backend: str, addr: str, cpus: set[int] | None = None):
+    """A client for ``backend``: in this process for Python backends, driven for C.
+
+    An in-process client runs on ``cpus``: the caller pins this thread first.
+    """
     if backend.startswith("c"):
-        return Driven(backend, addr)
+        return Driven(backend, addr, cpus)
     name, _, impl = backend.partition("-")
     return peers.CLIENTS[name](addr, impl=impl or "py")
 
 
+def placement(place: str | None) -> tuple[set[int] | None, set[int] | None]:
+    """CPU sets (server, client) for a placement.
+
+    ``"same"``: both on one CPU, so a round trip costs only the software on
+    the path (no cross-CPU wake-up; the scheduler's choice varies it 2-10x
+    otherwise). ``"split"``: server and client on different CPUs, which run
+    in parallel (one-way throughput; round trips then include a cross-CPU
+    wake-up). None: wherever the scheduler puts them.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if place is None:
+        return None, None
+    if place == "same" or len(cpus) < 2:
+        return {cpus[0]}, {cpus[0]}
+    return {cpus[1]}, {cpus[0]}
+
+
+def P(backend: str, place: str | None = None, policy: str = "sameuser", id: str | None = None):
+    """A ``pair`` parameter with a readable id."""
+    return pytest.param((backend, policy, place), id=id or backend)
+
+
 @pytest.fixture
 def pair(request, sockdir):
-    """Server process and client for ``request.param`` = backend, or (backend, policy)."""
-    param = request.param
-    backend, policy = (param, "sameuser") if isinstance(param, str) else param
-    server, addr = start_server(backend, sockdir, policy)
+    """Server process and client for ``request.param`` = (backend, policy, placement)."""
+    backend, policy, place = request.param
+    server_cpus, client_cpus = placement(place)
+    server, addr = start_server(backend, sockdir, policy, server_cpus)
+    saved = os.sched_getaffinity(0)
     try:
-        client = make_client(backend, addr)
+        if client_cpus:
+            os.sched_setaffinity(0, client_cpus)
+        client = make_client(backend, addr, client_cpus)
     except BaseException:
+        os.sched_setaffinity(0, saved)
         server.stop()
         raise
-    yield SimpleNamespace(server=server, client=client, backend=backend, policy=policy)
-    client.close()
-    server.stop()
+    try:
+        yield SimpleNamespace(server=server, client=client, backend=backend, policy=policy, place=place)
+    finally:
+        client.close()
+        server.stop()
+        os.sched_setaffinity(0, saved)
 
 
 def run_case(benchmark, quick: bool, fn, *, case: str, backend: str, messages: int, size: int, kind: str, rounds=(3, 10), **extra):

@@ -2,12 +2,13 @@
 
 Every client is its own process (``peers.py drive`` / ``c_floor drive``); a
 round tells all of them to make N requests at once and ends when the last one
-has its answers. Reported: total requests per second.
+has its answers. Reported: total requests per second. The server has one CPU
+to itself and the clients share the other.
 """
 
 import pytest
 
-from conftest import BACKENDS, Driven, need, run_case, start_server
+from conftest import BACKENDS, Driven, need, placement, run_case, start_server
 
 SIZE = 64
 
@@ -18,11 +19,12 @@ def fleet(request, sockdir):
     if backend == "c-nopidfd":
         pytest.skip("the pidfd-less floor is only measured one-to-one")
     need(backend)
-    server, addr = start_server(backend, sockdir)
+    server_cpus, client_cpus = placement("split")  # the server has a CPU, the clients share the other
+    server, addr = start_server(backend, sockdir, cpus=server_cpus)
     clients = []
     try:
         for _ in range(k):
-            clients.append(Driven(backend, addr))
+            clients.append(Driven(backend, addr, client_cpus))
         yield backend, k, clients
     finally:
         for c in clients:

@@ -6,12 +6,12 @@ order from the right pid; the sync's round trip is included in the round.
 
 import pytest
 
-from conftest import BACKENDS, run_case
+from conftest import BACKENDS, P, run_case
 
 SIZE = 64
 
 
-@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+@pytest.mark.parametrize("pair", [P(b, "split") for b in BACKENDS], indirect=True)
 def test_oneway_64(benchmark, pair, quick):
     n = 5000 if quick else 20000
     run_case(benchmark, quick, lambda: pair.client.oneway(SIZE, n), case="one-way 64 B", backend=pair.backend,
@@ -26,7 +26,7 @@ NO_BATCH_API = {
 }
 
 
-@pytest.mark.parametrize("pair", ["c", "c-nopidfd", "socket", "mpconn", "zmq", "machipc-py", "machipc-c"], indirect=True)
+@pytest.mark.parametrize("pair", [P(b, "split") for b in BACKENDS], indirect=True)
 def test_oneway_batched_64(benchmark, pair, quick):
     if pair.backend in NO_BATCH_API:
         pytest.skip(NO_BATCH_API[pair.backend])

@@ -9,7 +9,7 @@ bytes; machipc skips until its memfd path lands (MessageTooLarge).
 import pytest
 
 import machipc
-from conftest import BACKENDS, run_case
+from conftest import BACKENDS, P, run_case
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [1 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
@@ -21,7 +21,7 @@ def label(size):
     return f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
 
 
-@pytest.mark.parametrize("pair", BACKENDS, indirect=True)
+@pytest.mark.parametrize("pair", [P(b, "split") for b in BACKENDS], indirect=True)
 @pytest.mark.parametrize("size", SIZES, ids=label)
 def test_payload(benchmark, pair, quick, size):
     if pair.backend == "c-nopidfd":
