@@ -26,5 +26,27 @@ test: install
 	$(VPY) -m pytest tests
 	MACHIPC_PURE_PYTHON=1 $(VPY) -m pytest -q tests/test_backend.py
 
+# Benchmarks (bench/README.md): extra deps, the C floor, pytest-benchmark, report.
+BENCH_DEPS := $(VENV)/.bench-deps
+BENCH_RUN  := $(VPY) -m pytest bench -p no:cacheprovider -q --timeout=1800 --benchmark-columns=median,rounds --benchmark-sort=name
+
+$(BENCH_DEPS): $(VPY)
+	$(VPY) -m pip install -q 'pytest-benchmark>=4' 'pyzmq>=25' 'matplotlib>=3.6'
+	touch $(BENCH_DEPS)
+
+bench/bin/c_floor: bench/c_floor.c
+	mkdir -p bench/bin
+	$(CC) -O2 -Wall -o $@ bench/c_floor.c
+
+bench: install $(BENCH_DEPS) bench/bin/c_floor
+	mkdir -p bench/results
+	$(BENCH_RUN) --benchmark-json=bench/results/full.json
+	$(VPY) bench/report.py bench/results/full.json
+
+bench-quick: install $(BENCH_DEPS) bench/bin/c_floor
+	mkdir -p bench/results
+	$(BENCH_RUN) --quick --benchmark-json=bench/results/quick.json
+	$(VPY) bench/report.py bench/results/quick.json
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info machipc/*.so machipc/*.c .pytest_cache .benchmarks .macos-check bench/bin

@@ -75,7 +75,7 @@ def load(path: Path) -> tuple[dict, dict[str, dict[str, Row]]]:
 
 
 def case_order(name: str) -> tuple:
-    prefixes = ["rtt", "one-way 64", "one-way batched", "payload", "1 clients", "4 clients", "16 clients", "policy"]
+    prefixes = ["rtt", "one-way 64", "one-way batched", "payload", "1 client ", "4 clients", "16 clients", "policy"]
     for i, p in enumerate(prefixes):
         if name.startswith(p):
             return (i, sizes_key(name), name)
@@ -205,7 +205,7 @@ def plots(cases: dict[str, dict[str, Row]], out: Path, title: str) -> list[str]:
             for y, x in zip(ys, xs):
                 ax.text(x * 1.03, y, f"{x:.1f}", va="center", fontsize=7)
         ax.set_yticks([j + 0.4 - h / 2 for j in range(len(lat_cases))])
-        ax.set_yticklabels([c.replace(" rtt 64 B", " clients") if "clients" in c else c for c in lat_cases])
+        ax.set_yticklabels([c.replace(" rtt 64 B", ",\nserver on own CPU") if "client" in c else c for c in lat_cases])
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("µs per request (round trip; many clients: wall time / total requests) — lower is better, log scale")
@@ -245,7 +245,7 @@ def plots(cases: dict[str, dict[str, Row]], out: Path, title: str) -> list[str]:
         made.append(path.name)
 
     # 3. message rate of the 64-byte one-way and many-client cases.
-    rate_cases = [c for c in sorted(cases, key=case_order) if c.startswith(("one-way", "policy one-way")) or "clients" in c]
+    rate_cases = [c for c in sorted(cases, key=case_order) if c.startswith(("one-way", "policy one-way")) or "client" in c]
     if rate_cases:
         backends = [b for b in ORDER if any(b in cases[c] for c in rate_cases)]
         fig, ax = plt.subplots(figsize=(11, 0.5 * len(rate_cases) * len(backends) / 2.5 + 2))

@@ -44,5 +44,5 @@ def test_clients(benchmark, fleet, quick):
         for c in clients:
             c.finish()
 
-    run_case(benchmark, quick, round_, case=f"{k} clients rtt 64 B", backend=backend, messages=per * k, size=SIZE,
+    run_case(benchmark, quick, round_, case=f"{k} client{'s' if k > 1 else ''} rtt 64 B", backend=backend, messages=per * k, size=SIZE,
              kind="throughput", clients=k, rounds=(3, 8))
