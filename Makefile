@@ -14,7 +14,7 @@ $(VPY):
 # Editable install: builds the Cython extensions in place.
 $(STAMP): $(VPY) $(SOURCES)
 	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
-	$(VPY) -c 'import machipc._unix' || { echo "the Cython extension did not build"; exit 1; }
+	$(VPY) -c 'import sys, importlib; importlib.import_module("machipc._mach" if sys.platform == "darwin" else "machipc._unix")' || { echo "the Cython extension did not build"; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: install
 	$(VPY) -m machipc demo
 
-test: install
+test: install macos-check
 	$(VPY) -m pytest tests
 	MACHIPC_PURE_PYTHON=1 $(VPY) -m pytest -q tests/test_backend.py
 
@@ -47,6 +47,10 @@ bench-quick: install $(BENCH_DEPS) bench/bin/c_floor
 	mkdir -p bench/results
 	$(BENCH_RUN) --quick --benchmark-json=bench/results/quick.json
 	$(VPY) bench/report.py bench/results/quick.json
+
+# Cross-compiles machipc/_mach.pyx for aarch64/x86_64 macOS with zig (tools/macos_check.py).
+macos-check: $(VPY)
+	$(VPY) tools/macos_check.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info machipc/*.so machipc/*.c .pytest_cache .benchmarks .macos-check bench/bin

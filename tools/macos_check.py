@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""``make macos-check``: prove on Linux that the macOS Mach backend builds and links.
+
+No machine here runs macOS, so this gate checks everything a compiler and a
+linker can: it cythonizes ``machipc/_mach.pyx`` and compiles it for
+``aarch64-macos`` and ``x86_64-macos`` with ``zig cc`` against the macOS SDK
+shipped in the ``ziglang`` wheel, then fails unless
+
+(a) both outputs are Mach-O 64-bit shared objects of the right CPU type;
+(b) every undefined symbol is CPython's (``_Py*``/``__Py*``) or exported by the
+    SDK's libSystem: checked twice, by reading the Mach-O symbol table against
+    ``libSystem.tbd`` and by linking once more *without*
+    ``-undefined dynamic_lookup`` so the linker itself names every missing
+    symbol (``-undefined dynamic_lookup`` alone would hide a typo'd Mach call);
+(c) the ``_Static_assert``\\ s of ``machipc/_mach_layout.h`` hold (they are part of
+    the compile) and the compiler really enforces ``_Static_assert`` (a probe
+    with a false assertion must fail to compile).
+
+Results go to ``.macos-check/`` (``report.json`` + the two ``.so`` files).
+Exit status 0 when every check passes, 1 otherwise, 2 when ziglang cannot be
+installed. ``--src DIR`` checks another copy of the sources (the tests inject a
+typo that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("_mach.pyx", "_mach.pxd", "_mach_layout.h")
+TARGETS = {
+    # zig target: (Mach-O cputype, tbd arch name)
+    "aarch64-macos": (0x0100000C, "arm64"),
+    "x86_64-macos": (0x01000007, "x86_64"),
+}
+MH_MAGIC_64 = 0xFEEDFACF
+MH_DYLIB, MH_BUNDLE = 6, 8
+LC_SYMTAB = 0x2
+N_TYPE, N_EXT, N_UNDF = 0x0E, 0x01, 0x00
+
+
+class GateError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"macos-check: {msg}", flush=True)
+
+
+def ensure_ziglang() -> Path:
+    """The ziglang package directory, installing the wheel from PyPI if needed."""
+    try:
+        import ziglang  # noqa: F401
+    except ImportError:
+        log("installing ziglang into this Python (pip install ziglang) ...")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "ziglang"], capture_output=True, text=True)
+        if r.returncode != 0:
+            log(f"SKIP: cannot install ziglang: {r.stderr.strip()[-500:]}")
+            raise SystemExit(2) from None
+        import importlib
+
+        importlib.invalidate_caches()
+    import ziglang
+
+    return Path(ziglang.__file__).resolve().parent
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def cythonize(src: Path, out: Path) -> Path:
+    """Cythonize ``src/_mach.pyx`` (with its .pxd and header) into ``out/_mach.c``."""
+    work = out / "src" / "machipc"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for name in SOURCES:
+        shutil.copy(src / name, work / name)
+    (work / "__init__.py").write_text("")
+    c_file = work / "_mach.c"
+    r = run([sys.executable, "-m", "cython", "-3", "--fast-fail", "--module-name", "machipc._mach",
+             "-o", str(c_file), str(work / "_mach.pyx")])
+    if r.returncode != 0:
+        raise GateError(f"cython failed:\n{r.stdout}{r.stderr}")
+    text = c_file.read_text()
+    if '#include "_mach_layout.h"' not in text:
+        raise GateError("the generated C does not include _mach_layout.h (its _Static_asserts would not run)")
+    return c_file
+
+
+def zig_cc(target: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "ziglang", "cc", "-target", target, *args]
+
+
+def compile_target(target: str, c_file: Path, out: Path) -> dict:
+    """Compile, link (with and without dynamic_lookup) and inspect one target."""
+    tdir = out / target
+    tdir.mkdir(parents=True, exist_ok=True)
+    obj, so = tdir / "_mach.o", tdir / "_mach.so"
+    include = sysconfig.get_paths()["include"]
+    t0 = time.monotonic()
+    r = run(zig_cc(target, "-c", "-O1", "-fPIC", "-Werror=implicit-function-declaration",
+                   "-Werror=incompatible-pointer-types", "-Wno-unused-function", "-I", include,
+                   "-I", str(c_file.parent), "-o", str(obj), str(c_file)))
+    if r.returncode != 0:
+        raise GateError(f"{target}: compile failed:\n{_tail(r.stderr)}")
+    r = run(zig_cc(target, "-shared", "-Wl,-undefined,dynamic_lookup", "-o", str(so), str(obj)))
+    if r.returncode != 0:
+        raise GateError(f"{target}: link failed:\n{_tail(r.stderr)}")
+    # The strict link: no dynamic_lookup, so the linker names every symbol libSystem lacks.
+    r = run(zig_cc(target, "-shared", "-o", str(tdir / "strict.so"), str(obj)))
+    strict = sorted(set(re.findall(r"undefined symbol: (\S+)", r.stderr)))
+    other_errors = [ln for ln in r.stderr.splitlines() if "error:" in ln and "undefined symbol" not in ln]
+    return {"target": target, "so": str(so), "strict_undefined": strict, "strict_other_errors": other_errors,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def macho_undefined(path: Path, cputype: int) -> list[str]:
+    """Check the Mach-O header of ``path``; return its undefined external symbols."""
+    data = path.read_bytes()
+    if len(data) < 32:
+        raise GateError(f"{path}: too short to be Mach-O")
+    magic, cpu, _sub, filetype, ncmds, _sizeofcmds, _flags, _res = struct.unpack_from("<IiiIIIII", data)
+    if magic != MH_MAGIC_64:
+        raise GateError(f"{path}: not a 64-bit Mach-O file (magic {magic:#x})")
+    if cpu != cputype:
+        raise GateError(f"{path}: CPU type {cpu:#x}, expected {cputype:#x}")
+    if filetype not in (MH_DYLIB, MH_BUNDLE):
+        raise GateError(f"{path}: Mach-O file type {filetype}, expected a dylib/bundle")
+    off = 32
+    symbols: list[str] = []
+    for _ in range(ncmds):
+        cmd, cmdsize = struct.unpack_from("<II", data, off)
+        if cmd == LC_SYMTAB:
+            symoff, nsyms, stroff, _strsize = struct.unpack_from("<IIII", data, off + 8)
+            for i in range(nsyms):
+                n_strx, n_type, _n_sect, _n_desc, _n_value = struct.unpack_from("<IBBhQ", data, symoff + 16 * i)
+                if (n_type & N_TYPE) == N_UNDF and n_type & N_EXT:
+                    end = data.index(b"\0", stroff + n_strx)
+                    symbols.append(data[stroff + n_strx : end].decode())
+        off += cmdsize
+    return sorted(set(symbols))
+
+
+def libsystem_exports(zig_dir: Path) -> set[str]:
+    tbd = zig_dir / "lib" / "libc" / "darwin" / "libSystem.tbd"
+    names: set[str] = set()
+    for block in re.findall(r"(?:symbols|weak-symbols|thread-local-symbols):\s*\[(.*?)\]", tbd.read_text(), re.S):
+        names.update(tok.strip().strip("'\"") for tok in block.split(","))
+    names.discard("")
+    return names
+
+
+def is_python(sym: str) -> bool:
+    return sym.startswith("_Py") or sym.startswith("__Py")
+
+
+def probe_static_assert(out: Path, src: Path, target: str) -> None:
+    """The compiler must reject a false _Static_assert next to the real header."""
+    probe = out / "static_assert_probe.c"
+    probe.write_text('#include "_mach_layout.h"\n_Static_assert(sizeof(mach_msg_header_t) == 25, "probe");\n')
+    r = run(zig_cc(target, "-fsyntax-only", "-I", str(src), str(probe)))
+    if r.returncode == 0 or "probe" not in r.stderr:
+        raise GateError("a false _Static_assert compiled: the layout assertions prove nothing")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", type=Path, default=ROOT / "machipc", help="directory holding _mach.pyx/.pxd/_mach_layout.h")
+    ap.add_argument("--out", type=Path, default=ROOT / ".macos-check")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    zig_dir = ensure_ziglang()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"ok": False, "targets": {}, "failures": []}
+    try:
+        c_file = cythonize(args.src.resolve(), out)
+        log(f"cythonized {args.src / '_mach.pyx'} -> {c_file}")
+        exports = libsystem_exports(zig_dir)
+        with concurrent.futures.ThreadPoolExecutor(len(args.targets)) as pool:
+            results = list(pool.map(lambda t: compile_target(t, c_file, out), args.targets))
+        for res in results:
+            target = res["target"]
+            cputype = TARGETS[target][0]
+            undefined = macho_undefined(Path(res["so"]), cputype)
+            py = [s for s in undefined if is_python(s)]
+            system = [s for s in undefined if not is_python(s)]
+            missing_tbd = [s for s in system if s not in exports]
+            missing_link = [s for s in res["strict_undefined"] if not is_python(s)]
+            entry = {
+                "mach_o": True,
+                "undefined_total": len(undefined),
+                "undefined_python": len(py),
+                "undefined_libsystem": len(system),
+                "libsystem_symbols": system,
+                "not_in_libsystem_tbd": missing_tbd,
+                "strict_link_unresolved_non_python": missing_link,
+                "strict_link_other_errors": res["strict_other_errors"],
+                "compile_seconds": res["seconds"],
+            }
+            report["targets"][target] = entry
+            for sym in sorted(set(missing_tbd) | set(missing_link)):
+                report["failures"].append(f"{target}: undefined symbol {sym} is neither CPython's nor libSystem's")
+            for line in res["strict_other_errors"]:
+                report["failures"].append(f"{target}: strict link: {line.strip()}")
+            if not system:
+                report["failures"].append(f"{target}: no libSystem symbols at all (did the Mach code compile in?)")
+            log(f"{target}: Mach-O OK; {len(undefined)} undefined symbols = {len(py)} CPython + "
+                f"{len(system)} libSystem ({', '.join(system)}); {res['seconds']} s")
+        probe_static_assert(out, args.src.resolve(), args.targets[0])
+        report["static_asserts"] = _count_asserts(args.src / "_mach_layout.h")
+        log(f"{report['static_asserts']} _Static_asserts on SDK layouts hold; a false one is rejected")
+    except GateError as exc:
+        report["failures"].append(str(exc))
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    report["ok"] = not report["failures"]
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for failure in report["failures"]:
+        log(f"FAIL: {failure}")
+    log(f"{'PASS' if report['ok'] else 'FAIL'} in {report['seconds']} s (report: {out / 'report.json'})")
+    return 0 if report["ok"] else 1
+
+
+def _count_asserts(header: Path) -> int:
+    return len(re.findall(r"^MACHIPC_ASSERT\(", header.read_text(), re.M))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
