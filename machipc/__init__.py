@@ -26,7 +26,7 @@ from .errors import (
     ServiceNotFound,
 )
 from .message import Message
-from .peer import Peer
+from .peer import Peer, peer_of
 from .policies import Decision, Policy
 from .server import Server, ServerStats
 
@@ -37,6 +37,7 @@ __all__ = [
     "Client",
     "Message",
     "Peer",
+    "peer_of",
     "ServerStats",
     "Decision",
     "Policy",

@@ -5,23 +5,65 @@ gid) and a pidfd for the sending process (``SCM_PIDFD``, or ``pidfd_open`` on
 kernels without it). The pidfd pins the process: a pid can be reused once the
 sender exits, a pidfd cannot. Anything read from ``/proc/<pid>`` is trusted
 only when the pidfd still refers to a live process *after* the read.
+
+On macOS the identity is the audit token (pid + pidversion); the pidversion
+changes on every exec, so the token names one program run of one process.
+
+:func:`peer_of` gives the same :class:`Peer` for any connected AF_UNIX socket
+(``SO_PEERCRED`` + ``SO_PEERPIDFD`` on Linux, ``LOCAL_PEERTOKEN`` on macOS).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import select
 import signal
+import socket
+import stat
+import struct
 import sys
-from typing import Optional
+from typing import Optional, Sequence, Union
 
-__all__ = ["Peer", "GUARD_PIDFS", "GUARD_STARTTIME", "GUARD_NONE", "pidfs_available"]
+from .errors import NotPermitted, PeerGone, error_from_errno
+
+__all__ = [
+    "Peer",
+    "peer_of",
+    "process_alive",
+    "pidfs_available",
+    "GUARD_PIDFS",
+    "GUARD_STARTTIME",
+    "GUARD_PIDVERSION",
+    "GUARD_NONE",
+    "UNKNOWN_GONE",
+]
 
 #: The pid-reuse guard is the pidfd's inode on pidfs (unique per process).
 GUARD_PIDFS = "pidfs-inode"
 #: The guard is the process start time from /proc (kernels without pidfs).
 GUARD_STARTTIME = "start-time"
+#: macOS: the audit token's pidversion (changes on fork and on exec).
+GUARD_PIDVERSION = "pidversion"
 #: No guard could be had (e.g. the sender is already gone).
 GUARD_NONE = "none"
+
+#: Reason given when an identity attribute is asked of a sender that has exited.
+UNKNOWN_GONE = "unknown: the sender exited before its identity could be read"
+
+LINUX = sys.platform.startswith("linux")
+MACOS = sys.platform == "darwin"
+
+SO_PEERPIDFD = 77  # Linux >= 6.5; not in Python 3.11's socket module
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_AUDIT_TOKEN = struct.Struct("8I")
+# macOS <sys/un.h>
+SOL_LOCAL = 0
+LOCAL_PEERCRED = 0x001
+LOCAL_PEERPID = 0x002
+LOCAL_PEERTOKEN = 0x006
+_XUCRED = struct.Struct("IIh2x16I")  # cr_version, cr_uid, cr_ngroups, cr_groups[16]
 
 _pidfs: Optional[bool] = None
 
@@ -53,12 +95,61 @@ def _start_time(pid: int) -> Optional[int]:
     """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/pid/stat)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            stat_line = f.read()
     except OSError:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
     return int(fields[19])
+
+
+def process_alive(pid: int, guard: Optional[int], guard_kind: str) -> bool:
+    """True while the process named by ``(pid, guard)`` still exists.
+
+    Needs no pidfd, so caches can check their entries without holding one
+    descriptor per process. Unknown guards count as gone.
+    """
+    if guard is None:
+        return False
+    if guard_kind == GUARD_PIDFS:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            return os.fstat(fd).st_ino == guard
+        finally:
+            os.close(fd)
+    if guard_kind == GUARD_STARTTIME:
+        return _start_time(pid) == guard
+    if guard_kind == GUARD_PIDVERSION and MACOS:
+        from .policies import _macos
+
+        return _macos.pidversion_alive(pid, guard)
+    return False
+
+
+# Hashes of executables already read, keyed by what changes when a file is
+# rewritten: (dev, ino, size, mtime_ns, ctime_ns). Bounded; cleared when full.
+_SHA_CACHE: dict[tuple, str] = {}
+_SHA_CACHE_MAX = 256
+
+
+def _sha256_fd(fd: int, st: os.stat_result) -> str:
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _SHA_CACHE.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+        digest = h.hexdigest()
+        if len(_SHA_CACHE) >= _SHA_CACHE_MAX:
+            _SHA_CACHE.clear()
+        _SHA_CACHE[key] = digest
+    return digest
 
 
 class Peer:
@@ -67,9 +158,28 @@ class Peer:
     ``pid``, ``uid`` and ``gid`` come from the kernel and cannot be forged by the
     sender. ``guard`` distinguishes this process from a later one that reuses the
     pid; ``key`` = ``(pid, guard)`` identifies the process for caches.
+
+    ``exe``, ``exe_id``, ``exe_sha256``, ``code_identifier`` and ``team_id`` are
+    read lazily and race-free; each is None when it cannot be known for this
+    very process, and :attr:`unknown_reason` then says why (the sender exited,
+    its ``/proc/<pid>/exe`` is unreadable, the platform lacks it, ...).
     """
 
-    __slots__ = ("pid", "uid", "gid", "_pidfd", "guard", "guard_kind", "_exe", "__weakref__")
+    __slots__ = (
+        "pid",
+        "uid",
+        "gid",
+        "_pidfd",
+        "guard",
+        "guard_kind",
+        "audit_token",
+        "_exe",
+        "_exe_id",
+        "_sha256",
+        "_signing",
+        "unknown_reason",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -79,6 +189,7 @@ class Peer:
         pidfd: int = -1,
         guard: Optional[int] = None,
         guard_kind: str = GUARD_NONE,
+        audit_token: Optional[tuple[int, ...]] = None,
     ) -> None:
         self.pid = pid
         self.uid = uid
@@ -86,7 +197,14 @@ class Peer:
         self._pidfd = pidfd
         self.guard = guard
         self.guard_kind = guard_kind
+        #: macOS: the 8 words of the sender's audit token (None on Linux).
+        self.audit_token = audit_token
         self._exe: Optional[str] = None
+        self._exe_id: Optional[tuple[int, int]] = None
+        self._sha256: Optional[str] = None
+        self._signing: Optional[dict] = None
+        #: Why the last identity attribute asked for is None (None when all were known).
+        self.unknown_reason: Optional[str] = None
 
     @classmethod
     def from_pidfd(cls, pid: int, uid: int, gid: int, pidfd: int, inode: int = 0) -> "Peer":
@@ -101,6 +219,18 @@ class Peer:
             peer.guard, peer.guard_kind = start, GUARD_STARTTIME
         return peer
 
+    @classmethod
+    def from_audit_token(cls, token: Union[bytes, Sequence[int]]) -> "Peer":
+        """Build a Peer from a macOS ``audit_token_t`` (32 bytes or its 8 words).
+
+        ``val[1]`` is the euid, ``val[2]`` the egid, ``val[5]`` the pid and
+        ``val[7]`` the pidversion, which is the pid-reuse (and exec) guard.
+        """
+        words = _AUDIT_TOKEN.unpack(bytes(token)) if isinstance(token, (bytes, bytearray, memoryview)) else tuple(token)
+        if len(words) != 8:
+            raise ValueError(f"an audit token has 8 words, not {len(words)}")
+        return cls(words[5], words[1], words[2], -1, words[7], GUARD_PIDVERSION, tuple(words))
+
     @property
     def pidfd(self) -> int:
         """The pidfd pinning the sender, or -1 when there is none (owned by this Peer)."""
@@ -113,6 +243,8 @@ class Peer:
 
     def is_alive(self) -> bool:
         """True while the pinned process has not exited (signal 0 through the pidfd)."""
+        if self.audit_token is not None:
+            return process_alive(self.pid, self.guard, self.guard_kind)
         if self._pidfd < 0:
             return False
         try:
@@ -123,23 +255,177 @@ class Peer:
             return True  # exists, but we may not signal it (another uid)
         return True
 
+    # -- executable ----------------------------------------------------------
+
+    def _unknown(self, reason: str) -> None:
+        self.unknown_reason = reason
+        return None
+
+    def _read_exe_linux(self) -> Optional[tuple[str, tuple[int, int]]]:
+        """(path, (dev, ino)) of the executable the pinned process runs now.
+
+        ``/proc/<pid>/exe`` is opened with O_PATH (no read permission needed),
+        its inode and the path of *that open file* are read, and only then is
+        the pidfd asked whether the process is still alive: if it is, the pid
+        was never reused during the reads, so the answer belongs to it.
+        """
+        if self._pidfd < 0:
+            return self._unknown("unknown: no pidfd pins the sender, so /proc cannot be read race-free")
+        try:
+            fd = os.open(f"/proc/{self.pid}/exe", os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not self.is_alive():
+                return self._unknown(UNKNOWN_GONE)
+            return self._unknown(f"cannot read /proc/{self.pid}/exe (kernel thread or no executable)")
+        except PermissionError:
+            if not self.is_alive():
+                return self._unknown(UNKNOWN_GONE)
+            return self._unknown(
+                f"cannot read /proc/{self.pid}/exe: permission denied (non-dumpable process or another namespace)"
+            )
+        except OSError as exc:
+            return self._unknown(f"cannot read /proc/{self.pid}/exe: {exc.strerror}")
+        try:
+            st = os.fstat(fd)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            return self._unknown(f"cannot read /proc/{self.pid}/exe: {exc.strerror}")
+        finally:
+            os.close(fd)
+        if not self.is_alive():
+            return self._unknown(UNKNOWN_GONE)
+        return path, (st.st_dev, st.st_ino)
+
+    def _read_exe_macos(self) -> Optional[tuple[str, tuple[int, int]]]:
+        from .policies import _macos
+
+        if self.audit_token is None:
+            return self._unknown("unknown: no audit token for this sender")
+        try:
+            path = _macos.path_for_token(self.audit_token)
+        except ProcessLookupError:
+            return self._unknown(UNKNOWN_GONE)
+        except OSError as exc:
+            return self._unknown(f"cannot resolve the sender's executable: {exc.strerror or exc}")
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return self._unknown(f"cannot stat the sender's executable {path}: {exc.strerror}")
+        return path, (st.st_dev, st.st_ino)
+
+    def _read_exe(self) -> Optional[tuple[str, tuple[int, int]]]:
+        if LINUX:
+            return self._read_exe_linux()
+        if MACOS:
+            return self._read_exe_macos()
+        return self._unknown(f"executable identity is not supported on {sys.platform}")
+
+    def refresh_exe(self) -> Optional[tuple[int, int]]:
+        """Read the executable's ``(dev, ino)`` afresh; forget what was read before if it changed.
+
+        On Linux a process keeps its pid and pidfd across ``execve()``, so a
+        Peer kept for many packets (one connection) must notice a new program.
+        Returns the current ``exe_id`` (None when it cannot be known).
+        """
+        got = self._read_exe()
+        if got is None:
+            self._exe = self._exe_id = self._sha256 = self._signing = None
+            return None
+        path, ident = got
+        if ident != self._exe_id:
+            self._sha256 = self._signing = None
+        self._exe, self._exe_id = path, ident
+        return ident
+
     @property
     def exe(self) -> Optional[str]:
-        """The sender's executable path, or None when it cannot be known race-free.
+        """The sender's executable path (symlinks resolved), or None when it cannot be known race-free.
 
-        ``/proc/<pid>/exe`` is read first and trusted only if the pidfd shows the
-        same process is still alive afterwards, so a reused pid never lends its
-        executable. Unreadable (non-dumpable, other namespace) means None.
+        Linux: ``/proc/<pid>/exe`` read, then confirmed by the pidfd, so a reused
+        pid never lends its executable. macOS: ``proc_pidpath_audittoken``.
+        A path ending in `` (deleted)`` means the file was removed or replaced.
         """
-        if self._exe is None and sys.platform.startswith("linux"):
-            try:
-                path = os.readlink(f"/proc/{self.pid}/exe")
-            except OSError:
-                return None
-            if not self.is_alive():
-                return None
-            self._exe = path
+        if self._exe is None:
+            self.refresh_exe()
         return self._exe
+
+    @property
+    def exe_id(self) -> Optional[tuple[int, int]]:
+        """``(st_dev, st_ino)`` of the executable the process runs (read with ``exe``)."""
+        if self._exe_id is None:
+            self.refresh_exe()
+        return self._exe_id
+
+    @property
+    def exe_sha256(self) -> Optional[str]:
+        """SHA-256 (hex) of the very file the process runs, or None.
+
+        Linux: ``/proc/<pid>/exe`` is opened for reading (the inode the process
+        executes, even if its path was replaced), checked to be the same inode
+        as ``exe_id``, and trusted only if the process is still alive after the
+        open. Needs read permission on the file.
+        """
+        if self._sha256 is not None:
+            return self._sha256
+        ident = self.exe_id
+        if ident is None:
+            return None
+        if LINUX:
+            try:
+                fd = os.open(f"/proc/{self.pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if not self.is_alive():
+                    return self._unknown(UNKNOWN_GONE)
+                return self._unknown(f"cannot open the sender's executable for hashing: {exc.strerror}")
+        else:
+            try:
+                fd = os.open(self._exe, os.O_RDONLY | os.O_CLOEXEC)  # type: ignore[arg-type]
+            except OSError as exc:
+                return self._unknown(f"cannot open the sender's executable for hashing: {exc.strerror}")
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != ident:
+                return self._unknown("unknown: the sender's executable changed while it was being read")
+            if not self.is_alive():
+                return self._unknown(UNKNOWN_GONE)
+            if not stat.S_ISREG(st.st_mode):
+                return self._unknown("the sender's executable is not a regular file")
+            self._sha256 = _sha256_fd(fd, st)
+        finally:
+            os.close(fd)
+        return self._sha256
+
+    # -- code signature (macOS) ----------------------------------------------
+
+    def _signing_info(self) -> dict:
+        if self._signing is None:
+            if not MACOS:
+                self._signing = {}
+                self._unknown(f"code signatures do not exist on {sys.platform}")
+            else:
+                from .policies import _macos
+
+                try:
+                    self._signing = _macos.signing_info_for_token(self.audit_token)
+                except ProcessLookupError:
+                    self._unknown(UNKNOWN_GONE)
+                    return {}
+                except OSError as exc:
+                    self._unknown(f"cannot read the sender's code signature: {exc}")
+                    return {}
+        return self._signing
+
+    @property
+    def code_identifier(self) -> Optional[str]:
+        """macOS: the signing identifier of the sender's code (None if unsigned, or on Linux)."""
+        return self._signing_info().get("identifier")
+
+    @property
+    def team_id(self) -> Optional[str]:
+        """macOS: the Team ID the sender's code is signed with (None if none, or on Linux)."""
+        return self._signing_info().get("team_id")
+
+    # -- lifetime --------------------------------------------------------------
 
     def close(self) -> None:
         """Release the pidfd (idempotent)."""
@@ -155,3 +441,109 @@ class Peer:
 
     def __repr__(self) -> str:
         return f"Peer(pid={self.pid}, uid={self.uid}, gid={self.gid}, guard={self.guard_kind})"
+
+
+# -- peer_of -----------------------------------------------------------------
+
+
+def peer_of(sock: Union[socket.socket, int]) -> Peer:
+    """The :class:`Peer` on the other end of a connected AF_UNIX socket.
+
+    Works for any connected stream or seqpacket socket, including the one under
+    an asyncio transport (``transport.get_extra_info("socket")``).
+
+    Linux: ``SO_PEERCRED`` gives pid/uid/gid as of ``connect()``/``listen()``,
+    ``SO_PEERPIDFD`` pins that process. On kernels without ``SO_PEERPIDFD``
+    (``ENOPROTOOPT``, before 6.5) it falls back to ``pidfd_open(pid)`` and then
+    checks the connection is still up; ``peer.guard_kind`` says which guard is
+    in force. A peer that has gone (``EINVAL``/``ESRCH``) raises PeerGone: it
+    never turns into "no check".
+
+    macOS: ``LOCAL_PEERTOKEN`` (the audit token, so pid + pidversion), with
+    ``LOCAL_PEERCRED`` + ``LOCAL_PEERPID`` only when the token is unavailable.
+    """
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    s = socket.socket(fileno=fd) if isinstance(sock, int) else sock
+    try:
+        if LINUX:
+            return _peer_of_linux(s)
+        if MACOS:
+            return _peer_of_macos(s)
+        raise NotImplementedError(f"peer_of is not supported on {sys.platform}")
+    finally:
+        if isinstance(sock, int):
+            s.detach()
+
+
+def _peer_of_linux(sock: socket.socket) -> Peer:
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise PeerGone("the socket is not connected: no peer to identify") from None
+        raise error_from_errno(exc.errno, "getsockopt(SO_PEERCRED)") from None
+    if pid <= 0:
+        raise NotPermitted(
+            "SO_PEERCRED reports pid 0: the peer is in another pid namespace (or not connected), "
+            "so its identity cannot be verified"
+        )
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ESRCH):
+            raise PeerGone(f"the peer process (pid {pid}) is gone (SO_PEERPIDFD: {os.strerror(exc.errno)})") from None
+        if exc.errno != errno.ENOPROTOOPT:
+            raise error_from_errno(exc.errno, "getsockopt(SO_PEERPIDFD)") from None
+        return _peer_by_pidfd_open(sock, pid, uid, gid)
+    return Peer.from_pidfd(pid, uid, gid, pidfd)
+
+
+def _peer_by_pidfd_open(sock: socket.socket, pid: int, uid: int, gid: int) -> Peer:
+    """Kernel lacks SO_PEERPIDFD: pin the pid now, then check the peer is still connected.
+
+    The window between SO_PEERCRED and pidfd_open only matters if the peer
+    exited; its end of the connection then hangs up, which is checked after
+    pinning (a peer that handed its socket to a child is not caught).
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise PeerGone(f"the peer process (pid {pid}) is gone") from None
+    except OSError as exc:
+        raise error_from_errno(exc.errno, f"pidfd_open({pid})") from None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP | getattr(select, "POLLRDHUP", 0x2000))
+    if poller.poll(0):
+        os.close(pidfd)
+        raise PeerGone(f"the peer process (pid {pid}) hung up before it could be pinned")
+    peer = Peer.from_pidfd(pid, uid, gid, pidfd)
+    if peer.guard is None:
+        peer.close()
+        raise PeerGone(f"the peer process (pid {pid}) is gone")
+    return peer
+
+
+def _peer_of_macos(sock: socket.socket) -> Peer:
+    try:
+        token = sock.getsockopt(SOL_LOCAL, LOCAL_PEERTOKEN, _AUDIT_TOKEN.size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.EINVAL, errno.ESRCH):
+            raise PeerGone(f"no peer to identify (LOCAL_PEERTOKEN: {os.strerror(exc.errno)})") from None
+        if exc.errno != errno.ENOPROTOOPT:
+            raise error_from_errno(exc.errno, "getsockopt(LOCAL_PEERTOKEN)") from None
+    else:
+        peer = Peer.from_audit_token(token)
+        if peer.pid <= 0:
+            raise PeerGone("LOCAL_PEERTOKEN reports pid 0: no peer process")
+        return peer
+    # Old macOS (< 10.15): pid and credentials, with no pid-reuse guard.
+    try:
+        cred = _XUCRED.unpack(sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, _XUCRED.size))
+        (pid,) = struct.unpack("i", sock.getsockopt(SOL_LOCAL, LOCAL_PEERPID, 4))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.EINVAL, errno.ESRCH):
+            raise PeerGone(f"no peer to identify: {os.strerror(exc.errno)}") from None
+        raise error_from_errno(exc.errno, "getsockopt(LOCAL_PEERCRED)") from None
+    _version, uid, ngroups = cred[:3]
+    gid = cred[3] if ngroups > 0 else -1
+    return Peer(pid, uid, gid, -1, None, GUARD_NONE)

@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING, Callable, Iterable, Union
 if TYPE_CHECKING:
     from machipc.peer import Peer
 
-__all__ = ["Decision", "Policy", "PolicyLike", "evaluate", "SameUser", "AllowAll", "AllOf", "AnyOf", "Not", "as_policy"]
+__all__ = [
+    "Decision",
+    "Policy",
+    "PolicyLike",
+    "evaluate",
+    "SameUser",
+    "AllowAll",
+    "AllOf",
+    "AnyOf",
+    "Not",
+    "as_policy",
+    "is_exe_based",
+]
 
 log = logging.getLogger("machipc.policies")
 
@@ -41,7 +53,15 @@ class Decision:
 
 
 class Policy:
-    """Base class for policies; subclasses implement ``check``."""
+    """Base class for policies; subclasses implement ``check``.
+
+    ``uses_exe`` is True for policies that look at the sender's executable
+    (path, digest, code signature). On Linux a process keeps its pid and pidfd
+    across ``execve()``, so a cached decision of such a policy is only reused
+    while the process still runs the same file (see ``DecisionCache``).
+    """
+
+    uses_exe = False
 
     def check(self, peer: "Peer") -> Decision:
         raise NotImplementedError
@@ -67,6 +87,14 @@ def as_policy(p: PolicyLike) -> PolicyLike:
     if not callable(p):
         raise TypeError(f"a policy must be callable as policy(peer) -> Decision, not {type(p).__name__}")
     return p
+
+
+def is_exe_based(policy: PolicyLike) -> bool:
+    """Whether ``policy``'s decision can change when the sender execs another program.
+
+    A plain callable might look at anything, so it counts as exe-based.
+    """
+    return bool(getattr(policy, "uses_exe", True))
 
 
 def evaluate(policy: PolicyLike, peer: "Peer") -> Decision:
@@ -122,6 +150,7 @@ class AllOf(Policy):
         if not policies:
             raise ValueError("AllOf needs at least one policy")
         self.policies = tuple(as_policy(p) for p in policies)
+        self.uses_exe = any(is_exe_based(p) for p in self.policies)
 
     def check(self, peer: "Peer") -> Decision:
         reasons = []
@@ -143,6 +172,7 @@ class AnyOf(Policy):
         if not policies:
             raise ValueError("AnyOf needs at least one policy")
         self.policies = tuple(as_policy(p) for p in policies)
+        self.uses_exe = any(is_exe_based(p) for p in self.policies)
 
     def check(self, peer: "Peer") -> Decision:
         reasons = []
@@ -162,6 +192,7 @@ class Not(Policy):
 
     def __init__(self, policy: PolicyLike) -> None:
         self.policy = as_policy(policy)
+        self.uses_exe = is_exe_based(self.policy)
 
     def check(self, peer: "Peer") -> Decision:
         d = evaluate(self.policy, peer)
@@ -169,5 +200,3 @@ class Not(Policy):
 
     def __repr__(self) -> str:
         return f"Not({self.policy!r})"
-
-

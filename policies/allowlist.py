@@ -1,0 +1,141 @@
+"""``Allowlist``: the sender matches lists of allowed identities."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from .base import Decision, Policy
+from .code_signature import CodeSignature, build_requirement
+
+if TYPE_CHECKING:
+    from machipc.peer import Peer
+
+__all__ = ["Allowlist"]
+
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _ints(name: str, values: Optional[Iterable[int]]) -> Optional[frozenset[int]]:
+    if values is None:
+        return None
+    out = frozenset(values)
+    for v in out:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must hold non-negative integers, not {v!r}")
+    return out
+
+
+def _strs(name: str, values: Optional[Iterable[str]]) -> Optional[tuple[str, ...]]:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise ValueError(f"{name} must be a list of strings, not the single string {values!r}")
+    out = tuple(values)
+    for v in out:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name} must hold non-empty strings, not {v!r}")
+    return out
+
+
+class Allowlist(Policy):
+    """Allow senders that match every list given (any entry of each list).
+
+    * ``uids`` / ``gids``: the kernel-reported uid / gid (the primary gid;
+      supplementary groups are not consulted);
+    * ``executables``: exact executable paths (resolved here, once);
+    * ``sha256``: SHA-256 digests (hex) of the executable file the process runs;
+    * ``team_ids`` (with optional ``identifiers``): macOS Developer ID code of
+      one of these teams, checked as a code requirement against the audit token
+      (see :class:`CodeSignature`); identifiers without a team are refused.
+
+    Lists combine with AND: ``Allowlist(uids=[0], sha256=[d])`` is root running
+    that file. For "root, or that file", write
+    ``Allowlist(uids=[0]) | Allowlist(sha256=[d])``. An empty list allows nobody
+    and is refused as a likely mistake.
+    """
+
+    def __init__(
+        self,
+        *,
+        uids: Optional[Iterable[int]] = None,
+        gids: Optional[Iterable[int]] = None,
+        executables: Optional[Iterable[str]] = None,
+        sha256: Optional[Iterable[str]] = None,
+        team_ids: Optional[Iterable[str]] = None,
+        identifiers: Optional[Iterable[str]] = None,
+    ) -> None:
+        self.uids = _ints("uids", uids)
+        self.gids = _ints("gids", gids)
+        exes = _strs("executables", executables)
+        if exes is not None:
+            for e in exes:
+                if not os.path.isabs(e):
+                    raise ValueError(f"executables must be absolute paths, not {e!r}")
+        self.executables = None if exes is None else frozenset(os.path.realpath(e) for e in exes)
+        digests = _strs("sha256", sha256)
+        if digests is not None:
+            digests = tuple(d.lower() for d in digests)
+            for d in digests:
+                if not _SHA256.match(d):
+                    raise ValueError(f"sha256 entries are 64 hex digits, not {d!r}")
+        self.sha256 = None if digests is None else frozenset(digests)
+        self.team_ids = _strs("team_ids", team_ids)
+        self.identifiers = _strs("identifiers", identifiers)
+        if self.identifiers is not None and self.team_ids is None:
+            raise ValueError("identifiers need team_ids: an identifier alone can be claimed by anyone's signature")
+        self._signature: Optional[CodeSignature] = None
+        if self.team_ids is not None:
+            self._signature = CodeSignature(requirement=build_requirement(self.identifiers or (), self.team_ids))
+        lists = {
+            "uids": self.uids,
+            "gids": self.gids,
+            "executables": self.executables,
+            "sha256": self.sha256,
+            "team_ids": self.team_ids,
+            "identifiers": self.identifiers,
+        }
+        given = {k: v for k, v in lists.items() if v is not None}
+        if not given:
+            raise ValueError("Allowlist needs at least one of uids, gids, executables, sha256, team_ids, identifiers")
+        for k, v in given.items():
+            if not v:
+                raise ValueError(f"Allowlist({k}=[]) allows nobody; leave {k} out instead")
+        self._given = given
+        self.uses_exe = any(k in given for k in ("executables", "sha256", "team_ids", "identifiers"))
+
+    def check(self, peer: "Peer") -> Decision:
+        reasons = []
+        if self.uids is not None:
+            if peer.uid not in self.uids:
+                return Decision.deny(f"uid {peer.uid} is not in the allowed uids {sorted(self.uids)}")
+            reasons.append(f"uid {peer.uid} allowed")
+        if self.gids is not None:
+            if peer.gid not in self.gids:
+                return Decision.deny(f"gid {peer.gid} is not in the allowed gids {sorted(self.gids)}")
+            reasons.append(f"gid {peer.gid} allowed")
+        if self.executables is not None:
+            exe = peer.exe
+            if exe is None:
+                return Decision.deny(f"executable of pid {peer.pid} unknown ({peer.unknown_reason})")
+            if exe not in self.executables:
+                return Decision.deny(f"executable {exe} is not an allowed executable")
+            reasons.append(f"executable {exe} allowed")
+        if self.sha256 is not None:
+            digest = peer.exe_sha256
+            if digest is None:
+                return Decision.deny(f"executable digest of pid {peer.pid} unknown ({peer.unknown_reason})")
+            if digest not in self.sha256:
+                return Decision.deny(f"executable {peer.exe} has sha256 {digest}, not an allowed digest")
+            reasons.append(f"sha256 {digest[:16]}... allowed")
+        if self._signature is not None:
+            d = self._signature.check(peer)
+            if not d.allowed:
+                return d
+            reasons.append(d.reason)
+        return Decision.allow("; ".join(reasons))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={sorted(v)!r}" for k, v in self._given.items())
+        return f"Allowlist({inner})"

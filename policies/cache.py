@@ -1,0 +1,114 @@
+"""``DecisionCache``: one policy decision per sending process.
+
+A daemon sees many messages from few processes, and some policies are slow
+(``codesign`` runs a program). The cache remembers each decision under the
+process's identity, so the policy runs once per sender process and a repeat
+costs one dictionary lookup.
+
+The key is ``(pid, guard, uid, gid)``: the guard (pidfs inode, start time, or
+macOS pidversion) keeps a later process with a reused pid from inheriting a
+decision, and uid/gid are in it because a process can change credentials
+(``setuid()``, a set-uid exec) without changing pid. For exe-based policies
+the executable's ``(dev, inode)``, read afresh and race-free on every lookup,
+joins the key: on Linux ``execve()`` keeps the pid and the pidfd, and a
+decision about the old program must not be reused for the new one.
+
+Entries of processes that have exited are dropped lazily: when the cache is
+full, and at most every ``sweep_interval`` seconds when something is added.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from machipc.peer import process_alive
+
+from .base import Decision, PolicyLike, as_policy, evaluate, is_exe_based
+
+if TYPE_CHECKING:
+    from machipc.peer import Peer
+
+__all__ = ["DecisionCache"]
+
+
+class DecisionCache:
+    """Evaluate ``policy`` at most once per sending process (see the module doc)."""
+
+    def __init__(self, policy: PolicyLike, maxsize: int = 4096, sweep_interval: float = 60.0) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, not {maxsize}")
+        self.policy = as_policy(policy)
+        #: True when the policy looks at the executable (the key then includes it).
+        self.exe_based = is_exe_based(self.policy)
+        self.maxsize = maxsize
+        self.sweep_interval = sweep_interval
+        self.evaluations = 0  #: how many times the policy itself ran
+        self._entries: dict[tuple, tuple[Decision, str]] = {}
+        self._last_sweep = time.monotonic()
+
+    def decide(self, peer: "Peer") -> Decision:
+        """The policy's decision for ``peer``, from the cache when this process was seen."""
+        guard = peer.guard
+        if guard is None:  # nothing pins the process: its identity cannot key a cache
+            return self._evaluate(peer)
+        if self.exe_based:
+            exe_id = peer.refresh_exe()
+            if exe_id is None:  # gone or unreadable: the policy says why; not cached
+                return self._evaluate(peer)
+            key: tuple = (peer.pid, guard, peer.uid, peer.gid, exe_id)
+        else:
+            key = (peer.pid, guard, peer.uid, peer.gid)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry[0]
+        decision = self._evaluate(peer)
+        if self.exe_based and peer._exe_id != key[4]:
+            return decision  # the snapshot changed under the policy: do not remember it
+        self._store(key, decision, peer.guard_kind)
+        return decision
+
+    __call__ = decide
+
+    def _evaluate(self, peer: "Peer") -> Decision:
+        self.evaluations += 1
+        return evaluate(self.policy, peer)
+
+    def _store(self, key: tuple, decision: Decision, guard_kind: str) -> None:
+        now = time.monotonic()
+        if len(self._entries) >= self.maxsize or now - self._last_sweep >= self.sweep_interval:
+            self.sweep()
+            if len(self._entries) >= self.maxsize:
+                # Every process is still alive: forget the older half.
+                for old in list(self._entries)[: max(1, self.maxsize // 2)]:
+                    self._entries.pop(old, None)
+        self._entries[key] = (decision, guard_kind)
+
+    def sweep(self) -> int:
+        """Drop the entries of processes that have exited; return how many were dropped."""
+        self._last_sweep = time.monotonic()
+        dropped = 0
+        for key, (_decision, guard_kind) in list(self._entries.items()):
+            if not process_alive(key[0], key[1], guard_kind):
+                if self._entries.pop(key, None) is not None:
+                    dropped += 1
+        return dropped
+
+    def forget(self, peer: "Peer") -> None:
+        """Drop every entry of ``peer``'s process (e.g. after its connection closed)."""
+        for key in [k for k in self._entries if k[0] == peer.pid and k[1] == peer.guard]:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, peer: object) -> bool:
+        pid, guard = getattr(peer, "pid", None), getattr(peer, "guard", None)
+        return any(k[0] == pid and k[1] == guard for k in self._entries)
+
+    def __repr__(self) -> str:
+        return f"DecisionCache({self.policy!r}, {len(self)} processes)"
+
