@@ -17,13 +17,16 @@ from .errors import IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
-from .policies import Decision, PolicyLike, SameUser, as_policy, evaluate
+from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy, evaluate
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
 
 log = logging.getLogger("machipc")
+
+# Plain ints for the per-message path (enum attribute lookups cost more than the check).
+_OK, _CLOSED, _REQUEST = int(Drop.OK), int(Drop.CLOSED), int(Kind.REQUEST)
 
 Handler = Callable[[Message], Union[bytes, bytearray, memoryview, None]]
 
@@ -75,6 +78,7 @@ class Server:
             raise ValueError(f"max_size must be between 0 and {INLINE_MAX}, not {max_size}")
         self.name = name
         self.policy = as_policy(policy) if policy is not None else SameUser()
+        self._decisions = DecisionCache(self.policy)  # one decision per sending process
         self.enforce = enforce
         self.max_size = max_size
         self.reply_timeout = reply_timeout
@@ -186,8 +190,8 @@ class Server:
 
     def _admit(self, got: tuple) -> Optional[Message]:
         status, conn, kind, _flags, request_id, payload, pid, uid, gid, pidfd = got
-        if status != Drop.OK:
-            if status == Drop.CLOSED:
+        if status != _OK:
+            if status == _CLOSED:
                 self._peers.pop(conn.id, None)
             else:
                 self._drop(conn, status, kind, request_id, pid, uid)
@@ -197,7 +201,7 @@ class Server:
             if self.enforce:
                 self.stats.rejected += 1
                 log.warning("rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, decision.reason)
-                if kind == Kind.REQUEST:
+                if kind == _REQUEST:
                     self._answer_error(conn, request_id, ErrorCode.REJECTED, "rejected by the server's policy")
                 return None
             self.stats.would_reject += 1
@@ -205,18 +209,21 @@ class Server:
         if len(payload) > self.max_size:
             self.stats.too_large += 1
             log.warning("dropped %d-byte message from pid %d: over max_size %d", len(payload), pid, self.max_size)
-            if kind == Kind.REQUEST:
+            if kind == _REQUEST:
                 self._answer_error(conn, request_id, ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes")
             return None
         self.stats.received += 1
-        return Message(payload, peer, request_id if kind == Kind.REQUEST else 0, conn, self.reply_timeout, decision)
+        return Message(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision)
 
     def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
         """The Peer for this packet and the policy's decision, reused per process."""
         if isinstance(pidfd, Peer):  # the Mach backend builds the Peer from the audit token
             peer = pidfd
         elif pidfd == SAME_PEER:
-            return self._peers[conn.id]
+            entry = self._peers[conn.id]
+            if self._decisions.exe_based:  # execve() keeps pid and pidfd: re-check the program
+                entry = self._peers[conn.id] = (entry[0], self._decisions.decide(entry[0]))
+            return entry
         else:
             if pidfd < 0 and self.pidfd_guard == "pidfd_open":
                 try:
@@ -224,7 +231,7 @@ class Server:
                 except OSError:
                     pidfd = -1
             peer = Peer.from_pidfd(pid, uid, gid, pidfd)
-        decision = evaluate(self.policy, peer)
+        decision = self._decisions.decide(peer)
         entry = (peer, decision)
         if peer.guard is not None:
             self._peers[conn.id] = entry
