@@ -443,6 +443,10 @@ cdef class ServerTransport:
     def connections(self):
         return len(self.conns)
 
+    def fileno(self):
+        """The epoll fd: readable when ``recv(0)`` has work (for ``loop.add_reader``)."""
+        return self.epfd
+
     def recv(self, timeout):
         """Next packet or connection-closed event from any client.
 

@@ -217,6 +217,10 @@ class ServerTransport:
     def connections(self) -> int:
         return len(self._conns)
 
+    def fileno(self) -> int:
+        """The epoll fd: readable when ``recv(0)`` has work (for ``loop.add_reader``)."""
+        return self._ep.fileno()
+
     def recv(self, timeout: Optional[float]) -> Optional[tuple]:
         """Next packet or connection-closed event from any client.
 
