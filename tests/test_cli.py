@@ -1,0 +1,52 @@
+"""``python -m machipc``: help, serve/send/request, and the demo."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "machipc"]
+
+
+def run(*args, **kw):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_help_lists_commands():
+    out = run("--help")
+    assert out.returncode == 0
+    for cmd in ("serve", "send", "request", "demo"):
+        assert cmd in out.stdout
+    sub = run("request", "--help")
+    assert "--timeout" in sub.stdout and "service name" in sub.stdout
+
+
+def test_serve_send_request(sockdir):
+    server = subprocess.Popen(
+        CLI + ["serve", "org.test.cli", "--directory", sockdir, "--echo"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert "serving" in server.stdout.readline()
+        assert run("send", "org.test.cli", "hello", "--directory", sockdir).returncode == 0
+        out = run("request", "org.test.cli", "ping", "--directory", sockdir)
+        assert out.returncode == 0 and out.stdout.strip() == "ping"
+        line = server.stdout.readline()
+        assert "message from pid" in line and "b'hello'" in line and f"uid {os.geteuid()}" in line
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert server.returncode == 0  # SIGTERM stops serve() cleanly
+
+
+def test_unknown_service_is_a_clear_error(sockdir):
+    out = run("request", "org.nobody", "x", "--directory", sockdir)
+    assert out.returncode == 1 and "ServiceNotFound" in out.stderr and "org.nobody" in out.stderr
+
+
+@pytest.mark.skipif(not any(os.access(os.path.join(p, "perl"), os.X_OK) for p in os.environ["PATH"].split(":")),
+                    reason="perl not installed: the demo has no intruder to reject")
+def test_demo_shows_accepted_and_rejected():
+    out = run("demo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "REJECTED" in out.stdout and "allowed:" in out.stdout and "[demo] OK" in out.stdout
