@@ -23,6 +23,8 @@ from .errors import (
     error_from_errno,
 )
 from .naming import check_socket_owner, service_path
+from .peer import Peer, peer_of
+from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
 
@@ -81,8 +83,13 @@ class Client:
         timeout: Optional[float] = 10.0,
         directory: Optional[str] = None,
         impl: Optional[str] = None,
+        server_policy: Optional[PolicyLike] = None,
     ) -> None:
         self.name = name
+        # Who may answer: by default a server running as root or as this user,
+        # checked on the connected socket's kernel identity (peer_of).
+        self.server_policy = as_policy(server_policy) if server_policy is not None else Allowlist(uids={0, os.geteuid()})
+        self.server_peer: Optional[Peer] = None
         self.timeout = timeout
         self.path = service_path(name, directory=directory)
         mod = _backend.transport(impl)
@@ -111,6 +118,15 @@ class Client:
         except OSError as exc:
             sock.close()
             raise error_from_errno(exc.errno, f"connect to {self.path}") from None
+        try:
+            self.server_peer = peer = peer_of(sock)
+            decision = evaluate(self.server_policy, peer)
+        except BaseException:
+            sock.close()
+            raise
+        if not decision.allowed:
+            sock.close()
+            raise NotPermitted(f"server of {self.name!r} (pid {peer.pid}, uid {peer.uid}) is not trusted: {decision.reason}")
         return sock
 
     def _timeout(self, timeout) -> Optional[float]:
