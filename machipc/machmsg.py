@@ -268,6 +268,9 @@ class Parsed(NamedTuple):
 
 
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+#: Offset of the payload length inside the machipc wire header (machipc/wire.py).
+OFF_WIRE_LENGTH = 16
 
 
 def parse(buf, *, allow_notification: bool = False) -> tuple[Reject, Optional[Parsed]]:
@@ -330,6 +333,12 @@ def parse(buf, *, allow_notification: bool = False) -> tuple[Reject, Optional[Pa
         body = size - MSG_HEADER_SIZE
         if body < WIRE_HEADER_SIZE:
             return partial(Reject.SHORT_BODY)
+        # msgh_size is a multiple of 4, so a sender pads the payload by up to 3
+        # bytes: trust the machipc length only within that padding (anything
+        # else is left for wire.check_header to report as BAD_LENGTH).
+        length = _U64.unpack_from(buf, MSG_HEADER_SIZE + OFF_WIRE_LENGTH)[0]
+        if 0 <= body - WIRE_HEADER_SIZE - length <= 3:
+            body = WIRE_HEADER_SIZE + length
         return partial(Reject.OK, inline_offset=MSG_HEADER_SIZE, inline_size=body)
     if size < OFF_FIRST_DESCRIPTOR:
         return partial(Reject.COMPLEX_WITHOUT_BODY)
@@ -354,7 +363,7 @@ def parse(buf, *, allow_notification: bool = False) -> tuple[Reject, Optional[Pa
         return partial(Reject.BAD_OOL_SIZE, **got)
     if ool_size == 0:
         return partial(Reject.EMPTY_OOL, **got)
-    length = struct.unpack_from("<Q", buf, COMPLEX_PREFIX_SIZE + 16)[0]
+    length = _U64.unpack_from(buf, COMPLEX_PREFIX_SIZE + OFF_WIRE_LENGTH)[0]
     if length != ool_size:
         return partial(Reject.BAD_OOL_SIZE, **got)
     return partial(Reject.OK, **got)
@@ -372,9 +381,9 @@ def build_simple(wire_packet: bytes, audit: Optional[AuditToken], *, reply_port:
                  msgh_id: int = MACHIPC_MSGH_ID) -> bytes:
     """A received simple message (header + inline bytes [+ audit trailer]) as the kernel lays it out."""
     bits = MACH_MSGH_BITS(MACH_MSG_TYPE_PORT_SEND_ONCE if reply_port else 0, MACH_MSG_TYPE_MOVE_SEND)
-    size = MSG_HEADER_SIZE + len(wire_packet)
+    size = round_msg(MSG_HEADER_SIZE + len(wire_packet))  # senders pad to a multiple of 4
     msg = MSG_HEADER.pack(bits, size, reply_port, local_port, 0, msgh_id) + wire_packet
-    msg += bytes(round_msg(size) - size)
+    msg += bytes(size - len(msg))
     return msg + (_trailer(audit) if audit is not None else b"")
 
 

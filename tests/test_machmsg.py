@@ -64,6 +64,24 @@ def test_parse_simple_message():
     assert p.remote_port == 0 and p.ool_address == 0 and not p.complex
 
 
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5])
+def test_parse_strips_sender_padding(n):
+    buf = mm.build_simple(packet(b"x" * n), AUDIT)
+    reason, p = mm.parse(buf)
+    assert reason == mm.Reject.OK and bytes(p.inline(buf)) == packet(b"x" * n)
+    assert p.msgh_size % 4 == 0
+
+
+def test_parse_leaves_bad_length_to_wire_check():
+    from machipc.wire import SERVER_ACCEPTS, check_header
+
+    wire = pack_header(Kind.MESSAGE, 0, 100) + b"x" * 8
+    buf = mm.build_simple(wire, AUDIT)
+    reason, p = mm.parse(buf)
+    assert reason == mm.Reject.OK
+    assert check_header(bytes(p.inline(buf)), SERVER_ACCEPTS)[0] == Drop.BAD_LENGTH
+
+
 def test_parse_request_with_reply_right():
     buf = mm.build_simple(packet(b"q", Kind.REQUEST, 9), AUDIT, reply_port=0x1307)
     reason, p = mm.parse(buf)
@@ -255,7 +273,7 @@ def _check_invariants(buf, reason, p):
     if p.notification:
         return
     assert p.audit.pid != 0
-    assert p.inline_offset + p.inline_size == p.msgh_size <= n
+    assert 0 <= p.msgh_size - (p.inline_offset + p.inline_size) <= 3 and p.msgh_size <= n
     assert p.inline_size >= HEADER_SIZE
     if p.complex:
         assert p.ool_size > 0 and p.inline_size == HEADER_SIZE
