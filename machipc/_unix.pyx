@@ -11,7 +11,7 @@ from collections import deque
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EAGAIN, ECONNRESET, EINTR, EMSGSIZE, EPIPE, errno
+from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMSGSIZE, EPIPE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from posix.stat cimport fstat, struct_stat
@@ -503,7 +503,7 @@ cdef class ServerTransport:
             if fd < 0:
                 # EAGAIN: done; EMFILE/ENFILE/ENOMEM: leave it queued for later;
                 # ECONNABORTED: that client gave up, try the next one.
-                if errno == EINTR or errno == 103:  # ECONNABORTED
+                if errno == EINTR or errno == ECONNABORTED:
                     continue
                 return
             conn = Conn.__new__(Conn, None, True, self.pidfs)
