@@ -118,14 +118,14 @@ class Allowlist(Policy):
         if self.executables is not None:
             exe = peer.exe
             if exe is None:
-                return Decision.deny(f"executable of pid {peer.pid} unknown ({peer.unknown_reason})")
+                return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; not known to be an allowed executable")
             if exe not in self.executables:
                 return Decision.deny(f"executable {exe} is not an allowed executable")
             reasons.append(f"executable {exe} allowed")
         if self.sha256 is not None:
             digest = peer.exe_sha256
             if digest is None:
-                return Decision.deny(f"executable digest of pid {peer.pid} unknown ({peer.unknown_reason})")
+                return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; its digest is not known to be allowed")
             if digest not in self.sha256:
                 return Decision.deny(f"executable {peer.exe} has sha256 {digest}, not an allowed digest")
             reasons.append(f"sha256 {digest[:16]}... allowed")

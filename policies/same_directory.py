@@ -66,7 +66,7 @@ class SameDirectory(Policy):
     def check(self, peer: "Peer") -> Decision:
         exe = peer.exe
         if exe is None:
-            return Decision.deny(f"executable of pid {peer.pid} unknown ({peer.unknown_reason}), so not known to be in {self.directory}")
+            return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; not known to be in {self.directory}")
         if exe.endswith(_DELETED):
             return Decision.deny(f"executable {exe} was deleted or replaced since pid {peer.pid} started")
         if os.path.dirname(exe) == self.directory:
