@@ -227,6 +227,8 @@ class Client:
                 conn.close()
             finally:
                 self._recv_lock.release()
+        if self.server_peer is not None:
+            self.server_peer.close()  # its pidfd
 
     def __enter__(self) -> "Client":
         return self
