@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -12,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from . import _backend
+from . import _backend, activation
 from .errors import IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
 from .message import Message
 from .naming import check_socket_owner, service_path
@@ -73,6 +74,7 @@ class Server:
         backlog: int = 128,
         directory: Optional[str] = None,
         impl: Optional[str] = None,
+        listener: Optional[socket.socket] = None,
     ) -> None:
         if not 0 <= max_size <= INLINE_MAX:
             raise ValueError(f"max_size must be between 0 and {INLINE_MAX}, not {max_size}")
@@ -83,7 +85,13 @@ class Server:
         self.max_size = max_size
         self.reply_timeout = reply_timeout
         self.stats = ServerStats()
-        self.path = service_path(name, create_dir=True, directory=directory)
+        if listener is None:  # systemd socket activation: LISTEN_FDS set for this pid
+            listener = activation.take_listener(name)
+        self.activated = listener is not None  #: the socket came from the service manager
+        if listener is not None:
+            self.path = _socket_path(listener)
+        else:
+            self.path = service_path(name, create_dir=True, directory=directory)
         self._mod = _backend.transport(impl)
         self.implementation: str = self._mod.IMPLEMENTATION
         self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
@@ -91,8 +99,13 @@ class Server:
         self._stop_serving = False
         self._recv_lock = threading.Lock()
         self._receiver: Optional[int] = None  # thread ident inside receive()
-        listener, self.pidfd_guard = self._listen(mode, backlog)
-        self._inode = os.stat(self.path).st_ino
+        if listener is not None:
+            self.pidfd_guard = self._adopt(listener)
+            self._inode: Optional[int] = None  # the manager owns the socket file: never unlink it
+        else:
+            listener, self.pidfd_guard = self._listen(mode, backlog)
+            self._inode = os.stat(self.path).st_ino
+        self._listen_fd = listener.fileno()
         self._transport = self._mod.ServerTransport(listener, pidfs_available())
 
     # -- setup ---------------------------------------------------------------
@@ -102,15 +115,7 @@ class Server:
         try:
             # Both before listen(): accepted sockets inherit them, so no packet
             # can arrive without kernel credentials.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
-                guard = "SCM_PIDFD"
-            except OSError as exc:
-                if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
-                    raise
-                guard = "pidfd_open"  # kernel < 6.5: pin by pid right after receipt
-                log.info("kernel lacks SO_PASSPIDFD; senders are pinned with pidfd_open(pid)")
+            guard = self._pass_credentials(sock)
             self._clear_stale(self.path)
             try:
                 sock.bind(self.path)
@@ -125,6 +130,42 @@ class Server:
             sock.close()
             raise
         return sock, guard
+
+    @staticmethod
+    def _pass_credentials(sock: socket.socket) -> str:
+        """Turn on SO_PASSCRED and SO_PASSPIDFD; returns the pid-reuse guard in use."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
+            return "SCM_PIDFD"
+        except OSError as exc:
+            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+                raise
+            log.info("kernel lacks SO_PASSPIDFD; senders are pinned with pidfd_open(pid)")
+            return "pidfd_open"  # kernel < 6.5: pin by pid right after receipt
+
+    def _adopt(self, sock: socket.socket) -> str:
+        """Take over a listening socket made by someone else (systemd socket activation)."""
+        activation.check_listener(sock)
+        sock.set_inheritable(False)
+        # Before the first accept(). DESIGN.md caveat: this listener was listen()ed
+        # without us, so connections already queued (the one that triggered the
+        # activation) may carry packets sent before the option was on; those
+        # arrive with pid 0 and the overflow ids and the transport drops them as
+        # NO_CREDENTIALS (never trusted). PassCredentials=yes in the .socket unit
+        # (what `machipc unit` writes) closes that window.
+        return self._pass_credentials(sock)
+
+    @classmethod
+    def from_systemd(cls, name: str, policy: Optional[PolicyLike] = None, **kwargs) -> "Server":
+        """A server on the listening socket systemd passed for ``name``.
+
+        The fd is picked by ``LISTEN_FDNAMES`` (``FileDescriptorName=name`` or
+        ``name.socket``), else the only one; raises IPCError when there is none.
+        (``Server(name)`` adopts it automatically too; this insists on it.)
+        """
+        listener = activation.take_listener(name, required=True)
+        return cls(name, policy, listener=listener, **kwargs)
 
     def _clear_stale(self, path: str) -> None:
         """Remove a socket left by a crashed server of ours; refuse anything else."""
@@ -253,29 +294,124 @@ class Server:
 
     # -- serving -------------------------------------------------------------
 
-    def serve(self, handler: Handler) -> None:
+    def serve(
+        self,
+        handler: Handler,
+        workers: Optional[int] = None,
+        *,
+        ordered: bool = False,
+        queue_size: Optional[int] = None,
+        drain_timeout: Optional[float] = 10.0,
+    ) -> None:
         """Receive messages and call ``handler(msg)`` for each, until closed or signalled.
 
         For a request, the handler's return value (bytes, or None for an empty
         reply) is sent back unless the handler already called ``msg.reply``.
         A handler that raises is logged and its requester gets a RemoteError;
-        the server goes on. SIGINT and SIGTERM (when called from the main
-        thread) make ``serve`` return.
+        the server goes on.
+
+        ``workers=N`` runs handlers on N threads (:mod:`machipc.workers`) while
+        this thread keeps receiving; ``ordered=True`` keeps each connection's
+        messages in order; at most ``queue_size`` (default 4*N) messages wait.
+
+        SIGINT and SIGTERM (when called from the main thread) and ``stop()``
+        stop gracefully: no new connections, the requests already sent are
+        answered (for up to ``drain_timeout`` s), the workers finish, then the
+        server is closed and its socket file removed. ``close()`` is abrupt.
+        Under systemd, READY=1 and STOPPING=1 go to ``$NOTIFY_SOCKET``.
         """
         self._stop_serving = False
         restore = self._install_signal_handlers()
+        pool = None
+        if workers:
+            from .workers import WorkerPool
+
+            pool = WorkerPool(self._dispatch, handler, workers, ordered=ordered, queue_size=queue_size)
+        graceful = False
+        activation.notify("READY=1")
         try:
             while True:
                 try:
                     msg = self.receive()
                 except ServerClosed:
-                    return
-                self._dispatch(handler, msg)
+                    graceful = not self._closed
+                    break
+                if pool is None:
+                    self._dispatch(handler, msg)
+                else:
+                    pool.submit(msg)
                 del msg  # drop the last connection's reference so its fd can close
+            if graceful:
+                deadline = deadline_of(drain_timeout)
+                self._drain(handler, pool, deadline)
+                if pool is not None:
+                    pool.close(remaining(deadline))
+                    pool = None
         finally:
+            if pool is not None:
+                pool.close(1.0, discard=True)
             for signum, previous in restore:
                 signal.signal(signum, previous)
             self._stop_serving = False
+            if graceful:
+                self.close()
+
+    def _drain(self, handler: Handler, pool, deadline: Optional[float]) -> None:
+        """After a stop: handle what clients already sent, accepting nobody new."""
+        activation.notify("STOPPING=1")
+        self._stop_accepting()
+        drained = empty = 0
+        with self._recv_lock:
+            while not self._closed and self._transport is not None:
+                got = self._transport.recv(0)
+                if got is None:
+                    empty += 1  # twice: a pending wakeup() can make one recv(0) come back empty
+                    if empty == 2:
+                        break
+                    continue
+                empty = 0
+                msg = self._admit(got)
+                if msg is not None:
+                    drained += 1
+                    if pool is None:
+                        self._dispatch(handler, msg)
+                    else:
+                        pool.submit(msg)
+                    del msg
+                if deadline is not None and remaining(deadline) == 0.0:
+                    log.warning("stopping: drain timeout reached; closing with messages still queued")
+                    break
+        log.info("stopping: handled %d queued messages", drained)
+
+    def _stop_accepting(self) -> None:
+        """New clients cannot connect; those already connected are still heard."""
+        if self._inode is not None:
+            # Our own socket: remove the name so new clients fail fast (ServiceNotFound).
+            try:
+                if os.stat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self._inode = None
+            return
+        # Socket activation: the manager still holds the listener, so connections
+        # queued now are kept for the next start; stop accepting them here by
+        # taking the listener out of the transport's epoll set (through a dup of
+        # the epoll fd, so the transport's own fd stays as it is).
+        transport = self._transport
+        fileno = getattr(transport, "fileno", None)
+        if fileno is None:
+            return
+        try:
+            ep = select.epoll.fromfd(os.dup(fileno()))
+        except (OSError, ValueError):
+            return
+        try:
+            ep.unregister(self._listen_fd)
+        except OSError:
+            pass
+        finally:
+            ep.close()
 
     def _dispatch(self, handler: Handler, msg: Message) -> None:
         try:
@@ -348,7 +484,7 @@ class Server:
         transport.close()
         self._peers.clear()
         try:
-            if os.stat(self.path).st_ino == self._inode:
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
@@ -364,6 +500,16 @@ class Server:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.connections} connections"
         return f"<machipc.Server {self.name!r} at {self.path} ({self.implementation}, {state})>"
+
+
+def _socket_path(sock: socket.socket) -> str:
+    """The filesystem path of a bound AF_UNIX socket (``@name`` for the abstract namespace)."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "surrogateescape")
+    if name.startswith("\0"):
+        return "@" + name[1:]
+    return name
 
 
 def _kind_name(kind: int) -> str:
