@@ -483,6 +483,11 @@ def _peer_of_linux(sock: socket.socket) -> Peer:
             raise PeerGone("the socket is not connected: no peer to identify") from None
         raise error_from_errno(exc.errno, "getsockopt(SO_PEERCRED)") from None
     if pid <= 0:
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise PeerGone("the socket is not connected: no peer to identify") from None
         raise NotPermitted(
             "SO_PEERCRED reports pid 0: the peer is in another pid namespace (or not connected), "
             "so its identity cannot be verified"
