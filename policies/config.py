@@ -146,6 +146,8 @@ class _Loader:
 def _same_user(ld: _Loader, value: Any, at: Path) -> Policy:
     if value is True:
         return SameUser()
+    if isinstance(value, bool):
+        ld.true_flag(value, at)
     table = ld.table(value, at, {"uid"})
     uid = table.get("uid")
     if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
@@ -161,6 +163,8 @@ def _allow_all(ld: _Loader, value: Any, at: Path) -> Policy:
 def _same_directory(ld: _Loader, value: Any, at: Path) -> Policy:
     if value is True:
         return ld.construct(at, SameDirectory)
+    if isinstance(value, bool):
+        ld.true_flag(value, at)
     if isinstance(value, dict):
         value = ld.table(value, at, {"directory"}).get("directory")
         at = at + ("directory",)
