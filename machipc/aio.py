@@ -1,0 +1,590 @@
+"""asyncio front: ``machipc.aio.Server`` and ``machipc.aio.Client``.
+
+Same names, sockets, wire format and policies as :class:`machipc.Server` and
+:class:`machipc.Client` (the asyncio classes wrap them: every packet goes
+through the same ``Server._admit``, so validation and the policy are the very
+same code). Nothing blocks the loop and there is no thread per message:
+
+* the server registers the transport's poll fd with ``loop.add_reader`` and
+  pulls packets with ``transport.recv(0)`` when it is readable;
+* the client registers its connection's fd and reads replies with
+  ``recv_nowait()``;
+* sends are non-blocking; a full peer queue is waited out with ``add_writer``.
+
+Cancellation and timeouts work the asyncio way (``asyncio.wait_for``,
+``asyncio.timeout``, ``task.cancel()``); ``timeout=`` arguments raise
+:class:`machipc.IPCTimeoutError` (a ``TimeoutError``).
+
+A 20-line daemon::
+
+    import asyncio, machipc
+    from machipc import aio, policies
+
+    async def handle(msg):
+        return b"hello " + msg.data
+
+    async def main():
+        async with aio.Server("org.example.hello", policies.SameUser()) as srv:
+            await srv.serve(handle)       # SIGTERM: drain, answer, close
+
+    asyncio.run(main())
+
+Backend hook (macOS): a transport is usable here when its ``ServerTransport``
+has ``fileno()`` -- an fd that polls readable whenever ``recv(0)`` has work --
+and its client ``Conn`` has ``fd`` and ``recv_nowait()``. On Linux that fd is
+the transport's epoll fd; the Mach backend provides a kqueue fd with
+``EVFILT_MACHPORT`` on its port set (see :func:`reader_fd`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import signal
+import weakref
+from collections import deque
+from typing import Any, Awaitable, Callable, Optional, Union
+
+from . import activation
+from . import client as _client
+from . import server as _server
+from .errors import (
+    IPCTimeoutError,
+    MessageTooLarge,
+    PeerGone,
+    ProtocolError,
+    RemoteError,
+    ServerClosed,
+)
+from .message import Message
+from .unix import deadline_of, remaining
+from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, pack_error, unpack_error
+
+__all__ = ["Server", "Client", "reader_fd"]
+
+log = logging.getLogger("machipc")
+
+AsyncHandler = Callable[[Message], Union[Awaitable[Any], bytes, bytearray, memoryview, None]]
+_DEFAULT: Any = object()
+#: Packets taken per readable event before yielding to other tasks.
+BATCH = 64
+
+
+def reader_fd(transport) -> int:
+    """The fd to watch for a server transport (the backend hook).
+
+    Linux: the epoll fd of the transport. A backend without ``fileno()`` (the
+    Mach transport until its kqueue/EVFILT_MACHPORT fd lands) cannot be used
+    from asyncio yet.
+    """
+    fileno = getattr(transport, "fileno", None)
+    if fileno is None:
+        raise NotImplementedError(
+            f"the {type(transport).__module__} transport has no pollable fd (fileno()); "
+            "asyncio needs one (macOS: a kqueue with EVFILT_MACHPORT)"
+        )
+    return fileno()
+
+
+# -- non-blocking send -------------------------------------------------------
+
+# loop -> fd -> futures waiting for that fd to become writable. One add_writer
+# per fd, shared by every sender on it (add_writer would replace another's).
+_writers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, list]]" = weakref.WeakKeyDictionary()
+
+
+async def _writable(fd: int, timeout: Optional[float]) -> None:
+    loop = asyncio.get_running_loop()
+    waiting = _writers.setdefault(loop, {})
+    fut = loop.create_future()
+    futures = waiting.get(fd)
+    if futures is None:
+        futures = waiting[fd] = []
+
+        def ready() -> None:
+            loop.remove_writer(fd)
+            for f in waiting.pop(fd, ()):
+                if not f.done():
+                    f.set_result(None)
+
+        loop.add_writer(fd, ready)
+    futures.append(fut)
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        if fut in futures:
+            futures.remove(fut)
+        if not futures and waiting.get(fd) is futures:
+            del waiting[fd]
+            loop.remove_writer(fd)
+
+
+async def _send(conn, kind: int, request_id: int, data, timeout: Optional[float]) -> None:
+    """``conn.send`` without blocking the loop: try now, else wait until writable."""
+    deadline = deadline_of(timeout)
+    while True:
+        try:
+            conn.send(kind, request_id, data, 0)
+            return
+        except IPCTimeoutError:  # the peer's queue is full right now
+            pass
+        left = remaining(deadline)
+        if left == 0.0:
+            raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
+        await _writable(conn.fd, left)
+
+
+# -- server ------------------------------------------------------------------
+
+
+class Server:
+    """An asyncio machipc server; takes the same arguments as :class:`machipc.Server`.
+
+    ``max_queue`` bounds the messages read ahead of ``receive()``; when it is
+    reached the server stops reading and the kernel queues (then the clients)
+    wait. Use it from one event loop.
+    """
+
+    def __init__(self, name: str, policy=None, *, max_queue: int = 256, server: Optional[_server.Server] = None, **kwargs) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, not {max_queue!r}")
+        self.sync: _server.Server = server if server is not None else _server.Server(name, policy, **kwargs)
+        self.max_queue = max_queue
+        self._queue: deque[Message] = deque()
+        self._waiters: deque[asyncio.Future] = deque()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._fd = -1
+        self._reading = False
+        self._stopping = False
+        self._error: Optional[BaseException] = None
+
+    @classmethod
+    def from_systemd(cls, name: str, policy=None, *, max_queue: int = 256, **kwargs) -> "Server":
+        """Serve the socket systemd passed for ``name`` (see ``machipc.Server.from_systemd``)."""
+        return cls(name, max_queue=max_queue, server=_server.Server.from_systemd(name, policy, **kwargs))
+
+    # -- properties of the wrapped server
+    name = property(lambda self: self.sync.name)
+    path = property(lambda self: self.sync.path)
+    stats = property(lambda self: self.sync.stats)
+    policy = property(lambda self: self.sync.policy)
+    activated = property(lambda self: self.sync.activated)
+    connections = property(lambda self: self.sync.connections)
+    implementation = property(lambda self: self.sync.implementation)
+
+    @property
+    def closed(self) -> bool:
+        return self.sync.closed
+
+    # -- reading
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this machipc.aio.Server is used from another event loop")
+        return loop
+
+    def _start_reading(self) -> None:
+        if self._reading or self.sync.closed or self.sync._transport is None:
+            return
+        self._fd = reader_fd(self.sync._transport)
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _pull(self, limit: int) -> int:
+        """Move up to ``limit`` admitted messages from the transport to the queue."""
+        srv = self.sync
+        transport = srv._transport
+        if transport is None:
+            return 0
+        taken = empty = 0
+        while taken < limit:
+            got = transport.recv(0)
+            if got is None:
+                empty += 1  # twice: a stray wakeup() can make one recv(0) come back empty
+                if empty == 2:
+                    break
+                continue
+            empty = 0
+            taken += 1
+            msg = srv._admit(got)
+            if msg is not None:
+                self._queue.append(msg)
+            del got
+        return taken
+
+    def _on_readable(self) -> None:
+        try:
+            self._pull(min(BATCH, self.max_queue - len(self._queue)))
+        except Exception as exc:  # the transport failed: hand it to receive()
+            log.exception("machipc.aio: receiving failed")
+            self._error = exc
+            self._stop_reading()
+        if len(self._queue) >= self.max_queue:
+            self._stop_reading()  # backpressure: resumes when receive() takes messages
+        self._wake()
+
+    def _wake(self) -> None:
+        n = len(self._queue) if not (self._stopping or self.sync.closed or self._error) else len(self._waiters)
+        while n > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
+
+    async def receive(self, timeout: Optional[float] = None) -> Message:
+        """The next message the policy allowed.
+
+        Raises IPCTimeoutError after ``timeout`` seconds, ServerClosed once the
+        server is stopped or closed.
+        """
+        if timeout is None:
+            return await self._receive()
+        try:
+            return await asyncio.wait_for(self._receive(), timeout)
+        except asyncio.TimeoutError:
+            raise IPCTimeoutError(f"no message within {timeout} s") from None
+
+    async def _receive(self) -> Message:
+        loop = self._bind()
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._stopping or self.sync.closed:
+                raise ServerClosed(f"server {self.name!r} is closed")
+            if self._queue:
+                msg = self._queue.popleft()
+                if len(self._queue) <= self.max_queue // 2:
+                    self._start_reading()
+                return msg
+            self._start_reading()
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+                if fut.cancelled() and self._queue:
+                    self._wake()  # hand our wake-up on to the next waiter
+
+    def __aiter__(self) -> "Server":
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._receive()
+        except ServerClosed:
+            raise StopAsyncIteration from None
+
+    # -- answering
+
+    async def reply(self, msg: Message, data=b"") -> None:
+        """``msg.reply(data)`` without blocking the loop when the client's queue is full."""
+        msg._check_answerable()
+        if len(data) > INLINE_MAX:
+            raise MessageTooLarge(f"reply of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+        msg._answered = True
+        await _send(msg._conn, Kind.REPLY, msg.request_id, data, msg._reply_timeout)
+
+    async def fail(self, msg: Message, text: str, code: int = ErrorCode.HANDLER_FAILED) -> None:
+        """``msg.fail(text)`` without blocking the loop."""
+        msg._check_answerable()
+        msg._answered = True
+        await _send(msg._conn, Kind.ERROR, msg.request_id, pack_error(code, text), msg._reply_timeout)
+
+    async def _handle(self, handler: AsyncHandler, msg: Message) -> None:
+        stats = self.sync.stats
+        try:
+            result = handler(msg)
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            if msg.expects_reply and not msg.answered:
+                await self._try(self.fail(msg, "the server is shutting down", ErrorCode.SHUTTING_DOWN))
+            raise
+        except Exception as exc:
+            stats.handler_errors += 1
+            log.exception("handler failed on %r", msg)
+            if msg.expects_reply and not msg.answered:
+                await self._try(self.fail(msg, f"handler raised {type(exc).__name__}"))
+            return
+        if msg.expects_reply and not msg.answered:
+            try:
+                await self.reply(msg, b"" if result is None else result)
+            except MessageTooLarge as exc:
+                stats.handler_errors += 1
+                log.warning("handler's reply is unsendable: %s", exc)
+                msg._answered = False
+                await self._try(self.fail(msg, str(exc)))
+            except Exception as exc:
+                stats.reply_errors += 1
+                log.warning("could not answer request: %s", exc)
+
+    async def _try(self, answer: Awaitable) -> None:
+        try:
+            await answer
+        except Exception as exc:
+            self.sync.stats.reply_errors += 1
+            log.info("could not send error reply: %s", exc)
+
+    # -- serving
+
+    async def serve(
+        self,
+        handler: AsyncHandler,
+        *,
+        concurrency: int = 64,
+        drain_timeout: Optional[float] = 10.0,
+        signals: bool = True,
+    ) -> None:
+        """Run ``handler(msg)`` (async or plain) in a task per message until stopped.
+
+        The handler's return value is the reply to a request, as with the
+        threaded server; an exception becomes an error reply and the server
+        goes on. At most ``concurrency`` handlers run at once.
+
+        ``stop()`` -- and SIGINT/SIGTERM when ``signals`` and in the main
+        thread -- stops gracefully: no new connections, what clients already
+        sent is handled, running handlers finish (up to ``drain_timeout`` s,
+        then they are cancelled and their requesters told), then the server is
+        closed. Cancelling the ``serve`` task is abrupt.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency!r}")
+        loop = self._bind()
+        restore = self._install_signal_handlers(loop) if signals else []
+        slots = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task] = set()
+
+        def spawn(msg: Message) -> None:
+            task = loop.create_task(self._handle(handler, msg))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+
+        graceful = False
+        activation.notify("READY=1")
+        try:
+            while True:
+                await slots.acquire()
+                try:
+                    msg = await self._receive()
+                except ServerClosed:
+                    slots.release()
+                    graceful = self._stopping and not self.sync.closed
+                    break
+                spawn(msg)
+                del msg
+            if graceful:
+                await self._drain(spawn, slots, tasks, deadline_of(drain_timeout))
+        finally:
+            for signum, previous in restore:
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, previous)
+            if tasks:
+                for task in list(tasks):
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if graceful:
+                self.close()
+
+    async def _drain(self, spawn, slots: asyncio.Semaphore, tasks: set, deadline: Optional[float]) -> None:
+        activation.notify("STOPPING=1")
+        self._stop_reading()
+        self.sync._stop_accepting()
+        drained = 0
+        while True:
+            if deadline is not None and remaining(deadline) == 0.0:
+                log.warning("stopping: drain timeout reached with %d handlers running", len(tasks))
+                return
+            self._pull(1 << 30)
+            while self._queue:
+                await slots.acquire()
+                spawn(self._queue.popleft())
+                drained += 1
+            if not tasks:
+                break
+            await asyncio.wait(set(tasks), timeout=remaining(deadline), return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping: handled %d queued messages", drained)
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list:
+        restore = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous = signal.getsignal(signum)
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (RuntimeError, ValueError, NotImplementedError):  # not the main thread
+                continue
+            restore.append((signum, previous))
+        return restore
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("signal %d: stopping serve()", signum)
+        self.stop()
+
+    def stop(self) -> None:
+        """Make ``serve`` stop gracefully and ``receive`` raise ServerClosed (from the loop's thread)."""
+        self._stopping = True
+        if self._loop is not None:
+            self._wake()
+
+    def close(self) -> None:
+        """Stop listening, disconnect clients, remove the socket file (idempotent)."""
+        self._stop_reading()
+        self._stopping = True
+        self.sync.close()
+        self._queue.clear()
+        self._wake()
+
+    async def __aenter__(self) -> "Server":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<machipc.aio.Server wrapping {self.sync!r}>"
+
+
+# -- client ------------------------------------------------------------------
+
+
+class Client:
+    """An asyncio connection to the server of service ``name``.
+
+    Arguments as for :class:`machipc.Client` (connecting to a local socket does
+    not block). Many tasks may ``request`` at once; each gets its own reply.
+    """
+
+    def __init__(self, name: str, *, timeout: Optional[float] = 10.0, directory: Optional[str] = None, impl: Optional[str] = None) -> None:
+        self.sync = _client.Client(name, timeout=timeout, directory=directory, impl=impl)
+        self.name = name
+        self.path = self.sync.path
+        self.timeout = timeout
+        self.implementation = self.sync.implementation
+        self._conn = self.sync._conn
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._reading = False
+        self._dead: Optional[Exception] = None
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this machipc.aio.Client is used from another event loop")
+        if not self._reading and self._dead is None:
+            loop.add_reader(self._conn.fd, self._on_readable)
+            self._reading = True
+        return loop
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._conn.fd)
+
+    def _check(self, data) -> None:
+        if self._dead is not None:
+            raise type(self._dead)(*self._dead.args)
+        if len(data) > INLINE_MAX:
+            raise MessageTooLarge(f"payload of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+
+    def _on_readable(self) -> None:
+        for _ in range(BATCH):
+            try:
+                got = self._conn.recv_nowait()
+            except Exception as exc:
+                self._gone(PeerGone(f"receiving from {self.name!r} failed: {exc}"))
+                return
+            if got is None:
+                return
+            self._deliver(got)
+            if not self._reading:
+                return
+
+    def _gone(self, error: Exception) -> None:
+        self._dead = error
+        self._stop_reading()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(type(error)(*error.args))
+
+    def _deliver(self, got: tuple) -> None:
+        status, _conn, kind, _flags, rid, payload = got[:6]
+        if status == Drop.CLOSED:
+            self._gone(PeerGone(f"server {self.name!r} closed the connection"))
+            return
+        fut = self._pending.get(rid)
+        if status != Drop.OK:
+            text = DROP_TEXT.get(Drop(status), Drop(status).name)
+            log.warning("malformed reply from %r: %s", self.name, text)
+            if fut is not None and not fut.done():
+                fut.set_exception(ProtocolError(f"malformed reply from the server: {text}"))
+            return
+        if fut is None or fut.done():
+            log.debug("late reply %d discarded (its request timed out or was cancelled)", rid)
+            return
+        if kind == Kind.REPLY:
+            fut.set_result(payload)
+        else:
+            code, text = unpack_error(payload)
+            fut.set_exception(_client._ERRORS.get(code, RemoteError)(text))
+
+    def _timeout(self, timeout) -> Optional[float]:
+        return self.timeout if timeout is _DEFAULT else timeout
+
+    async def send(self, data, timeout: Optional[float] = _DEFAULT) -> None:
+        """Send a one-way message; waits (without blocking the loop) while the server's queue is full."""
+        self._check(data)
+        self._bind()
+        await _send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout))
+
+    async def request(self, data, timeout: Optional[float] = _DEFAULT) -> bytes:
+        """Send a request and return the reply's payload (errors as :meth:`machipc.Client.request`)."""
+        self._check(data)
+        loop = self._bind()
+        timeout = self._timeout(timeout)
+        deadline = deadline_of(timeout)
+        rid = next(self._ids)
+        fut = self._pending[rid] = loop.create_future()
+        try:
+            await _send(self._conn, Kind.REQUEST, rid, data, timeout)
+            if timeout is None:
+                return await fut
+            try:
+                return await asyncio.wait_for(fut, remaining(deadline))
+            except asyncio.TimeoutError:
+                raise IPCTimeoutError(f"no reply from {self.name!r} within {timeout} s") from None
+        finally:
+            self._pending.pop(rid, None)
+
+    def close(self) -> None:
+        """Disconnect (idempotent); requests still waiting get PeerGone."""
+        if self._dead is None:
+            self._gone(PeerGone("the client was closed"))
+        self._stop_reading()
+        self.sync.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<machipc.aio.Client {self.name!r} at {self.path} ({self.implementation})>"
