@@ -327,6 +327,15 @@ class Peer:
         Peer kept for many packets (one connection) must notice a new program.
         Returns the current ``exe_id`` (None when it cannot be known).
         """
+        if self._exe_id is not None and LINUX and self._pidfd >= 0:
+            # Fast path: stat the magic link (it follows to the running file),
+            # then confirm the same process is alive; unchanged keeps the snapshot.
+            try:
+                st = os.stat(f"/proc/{self.pid}/exe")
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == self._exe_id and self.is_alive():
+                return self._exe_id
         got = self._read_exe()
         if got is None:
             self._exe = self._exe_id = self._sha256 = self._signing = None
