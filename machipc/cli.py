@@ -57,6 +57,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(clients=args.clients)
 
 
+def cmd_plist(args: argparse.Namespace) -> int:
+    from .launchd import write_plist
+
+    print(write_plist(args.name, args.program, args.user_agent, args.output))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="machipc",
@@ -88,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a server and client processes; shows accepted and rejected senders")
     p.add_argument("--clients", type=int, default=3, help="number of trusted client processes (default 3)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plist", help="write a launchd plist registering NAME as a MachServices name (macOS)")
+    p.add_argument("name", help="service name, e.g. org.example.echo (also the launchd Label)")
+    p.add_argument("--program", nargs="+", required=True, metavar="ARG", help="absolute program path and its arguments")
+    p.add_argument("--user-agent", action="store_true", help="a per-user LaunchAgent instead of a system LaunchDaemon")
+    p.add_argument("-o", "--output", help="where to write (default: /Library/LaunchDaemons/NAME.plist or ~/Library/LaunchAgents/NAME.plist)")
+    p.set_defaults(func=cmd_plist)
     return parser
 
 

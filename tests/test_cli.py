@@ -50,3 +50,14 @@ def test_demo_shows_accepted_and_rejected():
     out = run("demo")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "REJECTED" in out.stdout and "allowed:" in out.stdout and "[demo] OK" in out.stdout
+
+
+def test_plist_command_writes_a_loadable_plist(tmp_path):
+    import plistlib
+
+    out = run("plist", "org.example.echo", "--program", "/usr/bin/python3", "/opt/daemon.py", "-o", str(tmp_path / "x.plist"))
+    assert out.returncode == 0, out.stderr
+    data = plistlib.loads((tmp_path / "x.plist").read_bytes())
+    assert data["Label"] == "org.example.echo"
+    assert data["MachServices"] == {"org.example.echo": True}
+    assert data["ProgramArguments"] == ["/usr/bin/python3", "/opt/daemon.py"]
