@@ -403,6 +403,7 @@ cdef class ServerTransport:
     cdef object listener
     cdef dict conns       # fd -> Conn
     cdef object ready     # deque of Conn with packets (probably) queued
+    cdef int burst        # packets served from ready since the last epoll_wait
     cdef uint8_t *buf
     cdef char *cbuf
     cdef epoll_event events[MAX_EVENTS]
@@ -460,17 +461,21 @@ cdef class ServerTransport:
         if self.epfd < 0:
             return None
         while True:
-            while self.ready:
+            while self.ready and self.burst < 64:
                 conn = self.ready[0]
                 got = conn._recv_nowait(self.buf, self.cbuf)
                 if got is None:
                     self.ready.popleft()
                     continue
                 self.ready.rotate(-1)  # one packet per connection per turn: fairness
+                self.burst += 1
                 if got[0] == DROP_CLOSED:
                     self._drop(conn)
                 return got
-            ms = _ms_left(deadline)
+            # Re-poll even while connections stay ready: a flooding client must
+            # not starve new connections and quieter clients.
+            self.burst = 0
+            ms = 0 if self.ready else _ms_left(deadline)
             with nogil:
                 n = epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
             if n < 0:

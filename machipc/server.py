@@ -291,6 +291,8 @@ class Server:
         except Exception as exc:
             self.stats.reply_errors += 1
             log.info("could not send error reply: %s", exc)
+            if isinstance(exc, IPCTimeoutError):
+                _hang_up(conn)
 
     # -- serving -------------------------------------------------------------
 
@@ -437,6 +439,8 @@ class Server:
         except Exception as exc:
             self.stats.reply_errors += 1
             log.warning("could not answer request: %s", exc)
+            if isinstance(exc, IPCTimeoutError):
+                _hang_up(getattr(getattr(answer, "__self__", None), "_conn", None))
 
     def _install_signal_handlers(self) -> list:
         if threading.current_thread() is not threading.main_thread():
@@ -510,6 +514,19 @@ def _socket_path(sock: socket.socket) -> str:
     if name.startswith("\0"):
         return "@" + name[1:]
     return name
+
+
+def _hang_up(conn) -> None:
+    """Disconnect a client that does not read its replies (a reply send timed out).
+
+    Otherwise every further request of a client that floods and never reads
+    would block the serve loop for ``reply_timeout``. Only shutdown(): safe from
+    worker threads; the receive loop sees EOF and drops the connection.
+    """
+    shutdown = getattr(conn, "shutdown", None)
+    if shutdown is not None:
+        log.warning("disconnecting a client that does not read its replies")
+        shutdown()
 
 
 def _kind_name(kind: int) -> str:

@@ -52,6 +52,7 @@ _UCRED = struct.Struct("=iII")
 #: Room for credentials, a pidfd and up to 253 unexpected fds (so they can be closed).
 CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4) + socket.CMSG_SPACE(253 * 4)
 _ids = itertools.count(1)
+_POLL_EVERY = 64  # poll epoll at least this often while connections stay ready
 
 
 def deadline_of(timeout: Optional[float]) -> Optional[float]:
@@ -212,6 +213,7 @@ class ServerTransport:
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._conns: dict[int, Conn] = {}
         self._ready: deque[Conn] = deque()
+        self._burst = 0  # packets served from _ready since the last epoll poll
 
     @property
     def connections(self) -> int:
@@ -228,17 +230,21 @@ class ServerTransport:
         """
         deadline = deadline_of(timeout)
         while True:
-            while self._ready:
+            while self._ready and self._burst < _POLL_EVERY:
                 conn = self._ready[0]
                 got = conn.recv_nowait()
                 if got is None:
                     self._ready.popleft()
                     continue
                 self._ready.rotate(-1)  # one packet per connection per turn: fairness
+                self._burst += 1
                 if got[0] == Drop.CLOSED:
                     self._drop(conn)
                 return got
-            left = remaining(deadline)
+            # Re-poll even while connections stay ready: a flooding client must
+            # not starve new connections and quieter clients.
+            self._burst = 0
+            left = 0.0 if self._ready else remaining(deadline)
             try:
                 events = self._ep.poll(-1 if left is None else left)
             except InterruptedError:
