@@ -393,9 +393,18 @@ cdef class Conn:
             close(fd)
 
 
+cdef extern from "<sys/socket.h>" nogil:
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t length)
+    enum:
+        SO_PASSCRED
+
+
 cdef class ServerTransport:
     """Accepts connections and returns the next packet from any of them."""
 
+    #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED/SO_PASSPIDFD on
+    #: each accepted socket too (connections queued before the listener had them lack them).
+    cdef public bint pass_on_accept
     cdef int listen_fd
     cdef int epfd
     cdef int wakefd
@@ -500,6 +509,7 @@ cdef class ServerTransport:
 
     cdef _accept(self):
         cdef int fd
+        cdef int one = 1
         cdef Conn conn
         cdef epoll_event ev
         while True:
@@ -511,6 +521,9 @@ cdef class ServerTransport:
                 if errno == EINTR or errno == ECONNABORTED:
                     continue
                 return
+            if self.pass_on_accept:
+                setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one))
+                setsockopt(fd, SOL_SOCKET, 76, &one, sizeof(one))  # SO_PASSPIDFD
             conn = Conn.__new__(Conn, None, True, self.pidfs)
             conn.fd = fd
             self.conns[fd] = conn

@@ -107,6 +107,8 @@ class Server:
             self._inode = os.stat(self.path).st_ino
         self._listen_fd = listener.fileno()
         self._transport = self._mod.ServerTransport(listener, pidfs_available())
+        if self.activated:  # connections queued before _adopt lack the options: set them per accept
+            self._transport.pass_on_accept = True
 
     # -- setup ---------------------------------------------------------------
 
@@ -149,11 +151,14 @@ class Server:
         activation.check_listener(sock)
         sock.set_inheritable(False)
         # Before the first accept(). DESIGN.md caveat: this listener was listen()ed
-        # without us, so connections already queued (the one that triggered the
-        # activation) may carry packets sent before the option was on; those
-        # arrive with pid 0 and the overflow ids and the transport drops them as
-        # NO_CREDENTIALS (never trusted). PassCredentials=yes in the .socket unit
-        # (what `machipc unit` writes) closes that window.
+        # without us, and connections already queued (the one that triggered the
+        # activation) did not inherit the options, so the transport also sets them
+        # on each accepted socket (pass_on_accept; checked on 6.x: packets queued
+        # before accept then carry credentials). A packet sent in the window between
+        # accept() and that setsockopt arrives with pid 0 and the overflow ids, and
+        # the transport drops it as NO_CREDENTIALS (never trusted).
+        # PassCredentials=yes in the .socket unit (what `machipc unit` writes)
+        # closes that window.
         return self._pass_credentials(sock)
 
     @classmethod

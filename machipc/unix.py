@@ -203,6 +203,10 @@ class Conn:
 class ServerTransport:
     """Accepts connections and returns the next packet from any of them."""
 
+    #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED/SO_PASSPIDFD on
+    #: each accepted socket too (connections queued before the listener had them lack them).
+    pass_on_accept = False
+
     def __init__(self, listener: socket.socket, pidfs: bool) -> None:
         listener.setblocking(False)
         self._listener = listener
@@ -279,6 +283,12 @@ class ServerTransport:
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
+            if self.pass_on_accept:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
+                except OSError:
+                    pass
             conn = Conn(sock, True, self._pidfs)
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, select.EPOLLIN)
