@@ -51,6 +51,20 @@ def cmd_request(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unit(args: argparse.Namespace) -> int:
+    from .activation import unit_files, write_units
+
+    files = unit_files(args.name, args.exec, path=args.path, mode=int(args.mode, 8), user=args.user, unit=args.unit)
+    if args.output == "-":
+        for filename, text in files.items():
+            sys.stdout.write(f"# {filename}\n{text}\n")
+        return 0
+    for target in write_units(args.output, files, force=args.force):
+        print(f"wrote {target}")
+    print(f"then: systemctl daemon-reload && systemctl enable --now {args.unit or args.name}.socket")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -91,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("data", help="payload (UTF-8 text)")
         p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("unit", help="write NAME.socket and NAME.service for systemd socket activation")
+    p.add_argument("name", help="service name, e.g. org.example.echo")
+    p.add_argument("--exec", required=True, help="the daemon's command line (ExecStart=)")
+    p.add_argument("--path", help="socket path (default /run/machipc/NAME, or $MACHIPC_RUNTIME_DIR/NAME)")
+    p.add_argument("--mode", default="0666", help="SocketMode= in octal (default 0666: the policy is the gate)")
+    p.add_argument("--user", help="User= to run the daemon as")
+    p.add_argument("--unit", help="unit file base name (default NAME)")
+    p.add_argument("--output", "-o", default=".", help="directory to write to, or - for stdout (default .)")
+    p.add_argument("--force", action="store_true", help="overwrite existing unit files")
+    p.set_defaults(func=cmd_unit)
 
     p = sub.add_parser("demo", help="run a server and client processes; shows accepted and rejected senders")
     p.add_argument("--clients", type=int, default=3, help="number of trusted client processes (default 3)")
