@@ -120,7 +120,10 @@ class Client:
             raise error_from_errno(exc.errno, f"connect to {self.path}") from None
         try:
             self.server_peer = peer = peer_of(sock)
-            decision = evaluate(self.server_policy, peer)
+            try:
+                decision = evaluate(self.server_policy, peer)
+            finally:
+                peer.close()  # the pidfd was only needed for the check
         except BaseException:
             sock.close()
             raise

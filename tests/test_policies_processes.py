@@ -382,3 +382,11 @@ def test_client_default_accepts_own_server_and_custom_policy_rejects(serve):
         assert c.request(b"x") == b"ok"
     with pytest.raises(machipc.NotPermitted, match="not trusted"):
         machipc.Client(r.srv.name, directory=r.sockdir, server_policy=SameDirectory("/nonexistent-dir"))
+
+
+def test_report_only_mode_lets_through_and_logs(dirs, serve, caplog):
+    caplog.set_level(logging.WARNING, "machipc")
+    r = serve(SameDirectory(dirs["trusted"]), enforce=False)
+    assert r.run(client(dirs, "outside")).returncode == ALLOWED
+    assert r.srv.stats.would_reject == 1 and r.srv.stats.rejected == 0
+    assert "would reject" in caplog.text and "is not in" in caplog.text
