@@ -128,11 +128,20 @@ class Running:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
-@pytest.fixture
-def serve():
+def _impls():
+    try:
+        from machipc import _unix  # noqa: F401
+    except ImportError:
+        return ["py"]
+    return ["py", "c"]
+
+
+@pytest.fixture(params=_impls(), ids=lambda i: f"{i}-transport")
+def serve(request):
     running = []
 
     def start(policy, **kwargs):
+        kwargs.setdefault("impl", request.param)
         r = Running(policy, **kwargs)
         running.append(r)
         return r
