@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.machipc-installed
 SOURCES := pyproject.toml setup.py $(wildcard machipc/*.pyx machipc/*.pxd)
 
-.PHONY: install demo test test-pure bench bench-quick macos-check clean
+.PHONY: install demo test test-pure bench bench-quick macos-check clean systemd-tools
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,10 @@ macos-check: $(VPY)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info machipc/*.so machipc/*.c .pytest_cache .benchmarks .macos-check bench/bin
+
+# systemd-socket-activate, for tests/test_activation.py's end-to-end test (which is
+# skipped with the reason when it is missing). Opt-in: the systemd package is heavy.
+systemd-tools:
+	@command -v systemd-socket-activate >/dev/null 2>&1 || test -x /usr/bin/systemd-socket-activate || \
+	  { command -v apt-get >/dev/null 2>&1 && apt-get install -y --no-install-recommends systemd; } || \
+	  echo "systemd-socket-activate is not available: the socket-activation end-to-end test will be skipped"
