@@ -26,7 +26,7 @@ def _describe(msg: Message) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    policy = POLICIES[args.policy]()
+    policy = policies.load(args.policy_file) if args.policy_file else POLICIES[args.policy]()
     with Server(args.name, policy, enforce=not args.report_only, directory=args.directory) as srv:
         print(f"serving {args.name!r} at {srv.path} with {policy!r}; Ctrl-C to stop", flush=True)
 
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve NAME, printing each message with its sender")
     common(p)
     p.add_argument("--policy", choices=sorted(POLICIES), default="same-user", help="who may talk (default: same-user)")
+    p.add_argument("--policy-file", metavar="TOML", help="load the policy from a TOML file (see docs/policies.md)")
     p.add_argument("--report-only", action="store_true", help="log what the policy would reject, but let it through")
     p.add_argument("--echo", action="store_true", help="answer requests with their own payload (default: b'ok')")
     p.set_defaults(func=cmd_serve)
@@ -135,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except IPCError as exc:
+    except (IPCError, policies.PolicyFileError) as exc:
         print(f"machipc: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -72,7 +72,9 @@ class Client:
     ``timeout`` (seconds, None for no limit) is the default for every call
     that can block. A Client may be shared by threads: concurrent requests
     each get their own reply, and one thread's one-way messages keep their
-    order. The server's socket must be owned by root or by this user, so a
+    order. The server's socket must be owned by root or by this user, and
+    ``server_policy`` (default: the server runs as root or as this user) is
+    checked against the listening process's kernel identity at connect, so a
     squatted name cannot impersonate a daemon.
     """
 

@@ -61,3 +61,23 @@ def test_plist_command_writes_a_loadable_plist(tmp_path):
     assert data["Label"] == "org.example.echo"
     assert data["MachServices"] == {"org.example.echo": True}
     assert data["ProgramArguments"] == ["/usr/bin/python3", "/opt/daemon.py"]
+
+
+def test_serve_with_policy_file_rejects_and_errors_clearly(sockdir, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy]\nallowlist = { uids = [ }\n")
+    out = run("serve", "org.test.pf", "--directory", sockdir, "--policy-file", str(bad))
+    assert out.returncode == 1 and "bad.toml" in out.stderr
+
+    good = tmp_path / "p.toml"
+    good.write_text(f"[policy]\nallowlist = {{ uids = [{os.geteuid() + 1}] }}\n")
+    server = subprocess.Popen(
+        CLI + ["serve", "org.test.pf", "--directory", sockdir, "--policy-file", str(good)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert "serving" in server.stdout.readline()
+        out = run("request", "org.test.pf", "hi", "--directory", sockdir)
+        assert out.returncode == 1 and "Rejected" in out.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
