@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 from typing import Optional, Union
 
@@ -93,10 +94,17 @@ class Client:
         self.server_policy = as_policy(server_policy) if server_policy is not None else Allowlist(uids={0, os.geteuid()})
         self.server_peer: Optional[Peer] = None
         self.timeout = timeout
-        self.path = service_path(name, directory=directory)
-        mod = _backend.transport(impl)
-        self.implementation: str = mod.IMPLEMENTATION
-        self._conn = mod.Conn(self._connect(), False, False)
+        if sys.platform == "darwin":
+            from . import mach  # Mach backend: the name is a bootstrap (launchd) name
+
+            self.path = name
+            self.implementation: str = mach.IMPLEMENTATION
+            self._conn = mach.client_conn(name, timeout)
+        else:
+            self.path = service_path(name, directory=directory)
+            mod = _backend.transport(impl)
+            self.implementation = mod.IMPLEMENTATION
+            self._conn = mod.Conn(self._connect(), False, False)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._recv_lock = threading.Lock()
