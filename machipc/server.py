@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -85,6 +86,14 @@ class Server:
         self.max_size = max_size
         self.reply_timeout = reply_timeout
         self.stats = ServerStats()
+        self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
+        self._closed = False
+        self._stop_serving = False
+        self._recv_lock = threading.Lock()
+        self._receiver: Optional[int] = None  # thread ident inside receive()
+        if sys.platform == "darwin":
+            self._init_mach(name)
+            return
         if listener is None:  # systemd socket activation: LISTEN_FDS set for this pid
             listener = activation.take_listener(name)
         self.activated = listener is not None  #: the socket came from the service manager
@@ -94,11 +103,6 @@ class Server:
             self.path = service_path(name, create_dir=True, directory=directory)
         self._mod = _backend.transport(impl)
         self.implementation: str = self._mod.IMPLEMENTATION
-        self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
-        self._closed = False
-        self._stop_serving = False
-        self._recv_lock = threading.Lock()
-        self._receiver: Optional[int] = None  # thread ident inside receive()
         if listener is not None:
             self.pidfd_guard = self._adopt(listener)
             self._inode: Optional[int] = None  # the manager owns the socket file: never unlink it
@@ -109,6 +113,19 @@ class Server:
         self._transport = self._mod.ServerTransport(listener, pidfs_available())
         if self.activated:  # connections queued before _adopt lack the options: set them per accept
             self._transport.pass_on_accept = True
+
+    def _init_mach(self, name: str) -> None:
+        """macOS: check the name in with launchd's bootstrap server (machipc.mach)."""
+        from . import mach
+
+        self.activated = False
+        self.path = name  # a bootstrap name, not a file
+        self._mod = mach
+        self.implementation = mach.IMPLEMENTATION
+        self.pidfd_guard = "audit-token"
+        self._inode = None  # nothing to unlink
+        self._listen_fd = -1
+        self._transport = mach.server_transport(name, queue_limit=1024)
 
     # -- setup ---------------------------------------------------------------
 
