@@ -202,8 +202,13 @@ class Server:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
-    def _pull(self, limit: int) -> int:
-        """Move up to ``limit`` admitted messages from the transport to the queue."""
+    def _pull(self, limit: int, settle: int = 1) -> int:
+        """Move up to ``limit`` packets' admitted messages from the transport to the queue.
+
+        Stops after ``settle`` empty polls in a row (the reader callback needs one:
+        the fd is level-triggered; draining uses two, as a stray ``wakeup()`` can
+        make one ``recv(0)`` come back empty).
+        """
         srv = self.sync
         transport = srv._transport
         if transport is None:
@@ -212,8 +217,8 @@ class Server:
         while taken < limit:
             got = transport.recv(0)
             if got is None:
-                empty += 1  # twice: a stray wakeup() can make one recv(0) come back empty
-                if empty == 2:
+                empty += 1
+                if empty >= settle:
                     break
                 continue
             empty = 0
@@ -410,7 +415,7 @@ class Server:
             if deadline is not None and remaining(deadline) == 0.0:
                 log.warning("stopping: drain timeout reached with %d handlers running", len(tasks))
                 return
-            self._pull(1 << 30)
+            self._pull(1 << 30, settle=2)
             while self._queue:
                 await slots.acquire()
                 spawn(self._queue.popleft())
