@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.machipc-installed
 SOURCES := pyproject.toml setup.py $(wildcard machipc/*.pyx machipc/*.pxd)
 
-.PHONY: install demo test test-pure bench bench-quick macos-check clean systemd-tools
+.PHONY: install demo test test-pure bench bench-quick macos-check clean systemd-tools fuzz soak sanitize
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +52,21 @@ bench-quick: install $(BENCH_DEPS) bench/bin/c_floor
 macos-check: $(VPY)
 	$(VPY) tools/macos_check.py
 
+# Reliability (issue 8): long fuzz run, 1M-message soak, ASan build of the C transport.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(VPY) -m pip install -q atheris
+	rm -rf .fuzz-corpus && cp -r fuzz/corpus .fuzz-corpus
+	$(VPY) fuzz/fuzz_recv.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 .fuzz-corpus
+
+soak: install
+	MACHIPC_SOAK_MESSAGES=1000000 $(VPY) -m pytest -q -s -p no:logging tests/test_soak.py
+
+sanitize: install
+	VPY=$(VPY) FUZZ_SECONDS=30 sh fuzz/sanitize.sh
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info machipc/*.so machipc/*.c .pytest_cache .benchmarks .macos-check bench/bin
+	rm -rf .fuzz-corpus $(VENV) build dist *.egg-info machipc/*.so machipc/*.c .pytest_cache .benchmarks .macos-check bench/bin
 
 # systemd-socket-activate, for tests/test_activation.py's end-to-end test (which is
 # skipped with the reason when it is missing). Opt-in: the systemd package is heavy.
