@@ -74,7 +74,7 @@ def expected(pkt: bytes, rid: int):
     got_rid = header.request_id if header is not None else 0
     if got_rid != rid:
         return SENTINEL
-    if status != wire.Drop.OK:
+    if status != wire.Drop.OK or header.flags:  # a flagged answer with no fd attached is never valid
         return machipc.ProtocolError
     if header.kind == Kind.REPLY:
         return pkt[wire.HEADER_SIZE :]

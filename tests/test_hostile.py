@@ -134,9 +134,9 @@ def test_request_ids_kinds_and_flags(serve, client):
         (wire.HEADER.pack(wire.MAGIC, 1, Kind.ERROR, 0, 7, 2) + b"\x01\x00", "BAD_KIND", None),
         (wire.HEADER.pack(wire.MAGIC, 1, 5, 0, 8, 0), "BAD_KIND", None),
         (wire.HEADER.pack(wire.MAGIC, 1, 255, 0, 9, 0), "BAD_KIND", None),
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 1, 10, 0), "BAD_FLAGS", 10),
+        (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 1 << 30, 10, 0), "BAD_FLAGS", 10),
         (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 0x80000000, 11, 0), "BAD_FLAGS", 11),
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.MESSAGE, 0xFFFFFFFF, 0, 0), "BAD_FLAGS", None),
+        (wire.HEADER.pack(wire.MAGIC, 1, Kind.MESSAGE, 0xFFFF0000, 0, 0), "BAD_FLAGS", None),  # high bits: never defined
         (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 0, 2**64 - 1, 2**64 - 1), "BAD_LENGTH", 2**64 - 1),
         (wire.HEADER.pack(wire.MAGIC, 0, Kind.REQUEST, 0, 12, 0), "BAD_VERSION", 12),
         (wire.HEADER.pack(wire.MAGIC, 255, Kind.MESSAGE, 0, 0, 0), "BAD_VERSION", None),
