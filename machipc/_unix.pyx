@@ -14,6 +14,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMSGSIZE, EPIPE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 from posix.stat cimport fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
@@ -22,6 +23,7 @@ from ._posix cimport *
 from ._wire cimport *
 
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
+from .payload import MAX_PAYLOAD, map_sealed
 
 IMPLEMENTATION = "c"
 
@@ -35,11 +37,13 @@ CONSTANTS = {
     "TRUNCATED": DROP_TRUNCATED, "NO_CREDENTIALS": DROP_NO_CREDENTIALS,
     "UNEXPECTED_FDS": DROP_UNEXPECTED_FDS, "CTRUNC": DROP_CTRUNC,
     "BAD_REQUEST_ID": DROP_BAD_REQUEST_ID, "CLOSED": DROP_CLOSED,
+    "BAD_PAYLOAD_FD": DROP_BAD_PAYLOAD_FD, "OVERSIZE": DROP_OVERSIZE, "PAYLOAD_FD": FLAG_PAYLOAD_FD,
 }
 
 # Room for credentials, one pidfd and up to 253 unexpected fds (so they can be closed).
 DEF CMSG_BUF = 2048
 DEF MAX_EVENTS = 64
+DEF CMSG_FD_SPACE = 64  # >= CMSG_SPACE(sizeof(int)) on every ABI
 
 cdef unsigned long long _next_id = 0
 
@@ -85,12 +89,15 @@ cdef inline void _put64(uint8_t *p, uint64_t v) noexcept nogil:
         p[i] = <uint8_t>(v >> (8 * i))
 
 
-cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_t length) noexcept nogil:
+cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_t length, uint32_t flags) noexcept nogil:
     h[0] = WIRE_MAGIC & 0xFF
     h[1] = WIRE_MAGIC >> 8
     h[2] = WIRE_VERSION
     h[3] = <uint8_t>kind
-    h[4] = h[5] = h[6] = h[7] = 0
+    h[4] = <uint8_t>flags
+    h[5] = <uint8_t>(flags >> 8)
+    h[6] = <uint8_t>(flags >> 16)
+    h[7] = <uint8_t>(flags >> 24)
     _put64(h + 8, request_id)
     _put64(h + 16, length)
 
@@ -105,6 +112,8 @@ cdef struct Packet:
     unsigned int uid
     unsigned int gid
     int pidfd
+    int fd             # the one SCM_RIGHTS fd kept for a PAYLOAD_FD packet, else -1
+    uint64_t length    # the header's payload length
 
 
 cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk) noexcept nogil:
@@ -127,7 +136,11 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
         return DROP_BAD_KIND
     if pk.flags & ~(<uint32_t>KNOWN_FLAGS):
         return DROP_BAD_FLAGS
-    if length != <uint64_t>(n - HEADER_SIZE):
+    pk.length = length
+    if pk.flags & FLAG_PAYLOAD_FD:
+        if n != HEADER_SIZE or length == 0:
+            return DROP_BAD_LENGTH
+    elif length != <uint64_t>(n - HEADER_SIZE):
         return DROP_BAD_LENGTH
     if (pk.request_id == 0) != (pk.kind == KIND_MESSAGE):
         return DROP_BAD_REQUEST_ID
@@ -145,6 +158,7 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     cdef bint creds = False
     cdef int *fds
     cdef size_t nfds, i
+    cdef size_t nrights = 0
     cdef ucred cred
     iov.iov_base = buf
     iov.iov_len = PACKET_MAX
@@ -176,6 +190,8 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     pk.uid = 0
     pk.gid = 0
     pk.pidfd = -1
+    pk.fd = -1
+    pk.length = 0
     if n == 0 and msg.msg_controllen == 0:
         pk.status = DROP_CLOSED
         return 1
@@ -191,12 +207,17 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
             elif c.cmsg_type == SCM_PIDFD and c.cmsg_len >= CMSG_LEN(sizeof(int)) and pk.pidfd == -1:
                 pk.pidfd = (<int *>CMSG_DATA(c))[0]
             elif c.cmsg_type == SCM_RIGHTS:
+                # Keep the first fd (a PAYLOAD_FD packet's memfd), close every other one.
                 fds = <int *>CMSG_DATA(c)
                 nfds = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
                 for i in range(nfds):
-                    if fds[i] >= 0:
+                    if fds[i] < 0:
+                        continue
+                    nrights += 1
+                    if pk.fd < 0:
+                        pk.fd = fds[i]
+                    else:
                         close(fds[i])
-                status = DROP_UNEXPECTED_FDS
         c = CMSG_NXTHDR(&msg, c)
     if pk.pidfd < -1:
         pk.pidfd = -1  # the kernel reports a failed pidfd as a negative errno
@@ -204,13 +225,22 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
         status = DROP_CTRUNC
     elif msg.msg_flags & MSG_TRUNC:
         status = DROP_TRUNCATED
-    elif status == DROP_OK and server_side and (not creds or pk.pid == 0):
+    elif server_side and (not creds or pk.pid == 0):
         status = DROP_NO_CREDENTIALS
     hstatus = _check_header(buf, n, server_side, pk)
     pk.status = status if status != DROP_OK else hstatus
-    if pk.status != DROP_OK and pk.pidfd >= 0:
-        close(pk.pidfd)
-        pk.pidfd = -1
+    if pk.status == DROP_OK:
+        if nrights and not (pk.flags & FLAG_PAYLOAD_FD and nrights == 1):
+            pk.status = DROP_UNEXPECTED_FDS
+        elif not nrights and pk.flags & FLAG_PAYLOAD_FD:
+            pk.status = DROP_BAD_PAYLOAD_FD  # the flag promised an fd that did not come
+    if pk.status != DROP_OK:
+        if pk.fd >= 0:
+            close(pk.fd)
+            pk.fd = -1
+        if pk.pidfd >= 0:
+            close(pk.pidfd)
+            pk.pidfd = -1
     return 1
 
 
@@ -233,6 +263,7 @@ cdef class Conn:
     cdef int last_pid
     cdef unsigned int last_uid, last_gid
     cdef unsigned long long last_ino
+    cdef public unsigned long long max_payload  # largest memfd payload mapped
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -243,6 +274,7 @@ cdef class Conn:
         self.fd = -1
         self.server_side = server_side
         self.pidfs = pidfs
+        self.max_payload = MAX_PAYLOAD
         if sock is not None:
             sock.setblocking(False)
             self.fd = sock.detach()
@@ -267,6 +299,44 @@ cdef class Conn:
         cdef uint8_t header[HEADER_SIZE]
         cdef iovec iov[2]
         cdef msghdr msg
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            _pack_header(header, kind, request_id, view.len, 0)
+            iov[0].iov_base = header
+            iov[0].iov_len = HEADER_SIZE
+            iov[1].iov_base = view.buf
+            iov[1].iov_len = view.len
+            memset(&msg, 0, sizeof(msg))
+            msg.msg_iov = iov
+            msg.msg_iovlen = 2
+            self._sendmsg(&msg, timeout, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def send_fd(self, int kind, unsigned long long request_id, unsigned long long length, int fd, timeout):
+        """Send a header whose payload is the sealed memfd ``fd`` (flag PAYLOAD_FD)."""
+        cdef uint8_t header[HEADER_SIZE]
+        cdef iovec iov
+        cdef msghdr msg
+        cdef char control[CMSG_FD_SPACE]
+        cdef cmsghdr *c
+        _pack_header(header, kind, request_id, length, FLAG_PAYLOAD_FD)
+        iov.iov_base = header
+        iov.iov_len = HEADER_SIZE
+        memset(&msg, 0, sizeof(msg))
+        memset(control, 0, sizeof(control))
+        msg.msg_iov = &iov
+        msg.msg_iovlen = 1
+        msg.msg_control = control
+        msg.msg_controllen = CMSG_SPACE(sizeof(int))
+        c = CMSG_FIRSTHDR(&msg)
+        c.cmsg_level = SOL_SOCKET
+        c.cmsg_type = SCM_RIGHTS
+        c.cmsg_len = CMSG_LEN(sizeof(int))
+        (<int *>CMSG_DATA(c))[0] = fd
+        self._sendmsg(&msg, timeout, length)
+
+    cdef _sendmsg(self, msghdr *msg, timeout, size_t size):
         cdef ssize_t n
         cdef int err = 0
         cdef int rc
@@ -274,52 +344,46 @@ cdef class Conn:
         cdef double deadline = _deadline(timeout)
         if self.fd < 0:
             raise PeerGone("send: the connection is closed")
-        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-        try:
-            _pack_header(header, kind, request_id, view.len)
-            iov[0].iov_base = header
-            iov[0].iov_len = HEADER_SIZE
-            iov[1].iov_base = view.buf
-            iov[1].iov_len = view.len
-            msg.msg_name = NULL
-            msg.msg_namelen = 0
-            msg.msg_iov = iov
-            msg.msg_iovlen = 2
-            msg.msg_control = NULL
-            msg.msg_controllen = 0
-            msg.msg_flags = 0
-            pfd.fd = self.fd
-            pfd.events = POLLOUT
-            while True:
-                with nogil:
-                    n = sendmsg(self.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
-                    err = errno if n < 0 else 0
-                    if err == EAGAIN:
-                        rc = _ms_left(deadline)
-                        if rc != 0:
-                            poll(&pfd, 1, rc)
-                if err == 0:
-                    return
-                if err == EINTR:
-                    PyErr_CheckSignals()
-                    continue
+        pfd.fd = self.fd
+        pfd.events = POLLOUT
+        while True:
+            with nogil:
+                n = sendmsg(self.fd, msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                err = errno if n < 0 else 0
                 if err == EAGAIN:
-                    if _ms_left(deadline) == 0:
-                        raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
-                    continue
-                if err == EPIPE or err == ECONNRESET:
-                    raise PeerGone("send: the peer closed the connection")
-                if err == EMSGSIZE:
-                    raise MessageTooLarge(f"send: a {view.len}-byte payload is too large for one packet")
-                raise error_from_errno(err, "send")
-        finally:
-            PyBuffer_Release(&view)
+                    rc = _ms_left(deadline)
+                    if rc != 0:
+                        poll(&pfd, 1, rc)
+            if err == 0:
+                return
+            if err == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if err == EAGAIN:
+                if _ms_left(deadline) == 0:
+                    raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
+                continue
+            if err == EPIPE or err == ECONNRESET:
+                raise PeerGone("send: the peer closed the connection")
+            if err == EMSGSIZE:
+                raise MessageTooLarge(f"send: a {size}-byte payload is too large for one packet")
+            raise error_from_errno(err, "send")
 
     cdef object _result(self, Packet *pk, const uint8_t *buf):
         cdef struct_stat st
         cdef object payload = b""
-        if pk.status == DROP_OK:
+        if pk.status == DROP_OK and pk.fd >= 0:
+            status, payload = map_sealed(pk.fd, pk.length, self.max_payload)  # closes the fd
+            pk.fd = -1
+            if status != DROP_OK:
+                pk.status = status
+                payload = b""
+                if pk.pidfd >= 0:
+                    close(pk.pidfd)
+                    pk.pidfd = -1
+        elif pk.status == DROP_OK:
             payload = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
+        if pk.status == DROP_OK:
             if pk.pidfd >= 0 and self.pidfs and fstat(pk.pidfd, &st) == 0:
                 if (self.has_last and self.last_pid == pk.pid and self.last_uid == pk.uid
                         and self.last_gid == pk.gid and self.last_ino == st.st_ino):
@@ -405,6 +469,8 @@ cdef class ServerTransport:
     #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED/SO_PASSPIDFD on
     #: each accepted socket too (connections queued before the listener had them lack them).
     cdef public bint pass_on_accept
+    #: Largest memfd payload accepted connections map (Server sets it from max_size).
+    cdef public unsigned long long max_payload
     cdef int listen_fd
     cdef int epfd
     cdef int wakefd
@@ -428,6 +494,7 @@ cdef class ServerTransport:
         listener.setblocking(False)
         self.listener = listener
         self.listen_fd = listener.fileno()
+        self.max_payload = MAX_PAYLOAD
         self.pidfs = pidfs
         self.conns = {}
         self.ready = deque()
@@ -526,6 +593,7 @@ cdef class ServerTransport:
                 setsockopt(fd, SOL_SOCKET, 76, &one, sizeof(one))  # SO_PASSPIDFD
             conn = Conn.__new__(Conn, None, True, self.pidfs)
             conn.fd = fd
+            conn.max_payload = self.max_payload
             self.conns[fd] = conn
             ev.events = EPOLLIN
             ev.data.fd = fd

@@ -12,7 +12,8 @@ cdef enum:
     KIND_REQUEST = 2
     KIND_REPLY = 3
     KIND_ERROR = 4
-    KNOWN_FLAGS = 0
+    FLAG_PAYLOAD_FD = 1
+    KNOWN_FLAGS = 1
 
     DROP_OK = 0
     DROP_CLOSED = 1
@@ -27,6 +28,8 @@ cdef enum:
     DROP_UNEXPECTED_FDS = 10
     DROP_CTRUNC = 11
     DROP_BAD_REQUEST_ID = 12
+    DROP_BAD_PAYLOAD_FD = 13
+    DROP_OVERSIZE = 14
 
     SO_PASSPIDFD = 76
     SCM_PIDFD = 4

@@ -42,12 +42,13 @@ import asyncio
 import inspect
 import itertools
 import logging
+import os
 import signal
 import weakref
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional, Union
 
-from . import activation
+from . import activation, payload
 from . import client as _client
 from . import server as _server
 from .errors import (
@@ -60,7 +61,7 @@ from .errors import (
 )
 from .message import Message
 from .unix import deadline_of, remaining
-from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, pack_error, unpack_error
+from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error, unpack_error
 
 __all__ = ["Server", "Client", "reader_fd"]
 
@@ -123,19 +124,27 @@ async def _writable(fd: int, timeout: Optional[float]) -> None:
             loop.remove_writer(fd)
 
 
-async def _send(conn, kind: int, request_id: int, data, timeout: Optional[float]) -> None:
-    """``conn.send`` without blocking the loop: try now, else wait until writable."""
+async def _send(conn, kind: int, request_id: int, data, timeout: Optional[float], limit: int = payload.MAX_PAYLOAD) -> None:
+    """``payload.send`` without blocking the loop: try now, else wait until writable."""
     deadline = deadline_of(timeout)
-    while True:
-        try:
-            conn.send(kind, request_id, data, 0)
-            return
-        except IPCTimeoutError:  # the peer's queue is full right now
-            pass
-        left = remaining(deadline)
-        if left == 0.0:
-            raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
-        await _writable(conn.fd, left)
+    length, fd = payload.prepare(data, limit) if hasattr(conn, "send_fd") else (0, -1)
+    try:
+        while True:
+            try:
+                if fd < 0:
+                    conn.send(kind, request_id, data, 0)
+                else:
+                    conn.send_fd(kind, request_id, length, fd, 0)
+                return
+            except IPCTimeoutError:  # the peer's queue is full right now
+                pass
+            left = remaining(deadline)
+            if left == 0.0:
+                raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
+            await _writable(conn.fd, left)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 # -- server ------------------------------------------------------------------
@@ -300,10 +309,8 @@ class Server:
     async def reply(self, msg: Message, data=b"") -> None:
         """``msg.reply(data)`` without blocking the loop when the client's queue is full."""
         msg._check_answerable()
-        if len(data) > INLINE_MAX:
-            raise MessageTooLarge(f"reply of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+        await _send(msg._conn, Kind.REPLY, msg.request_id, data, msg._reply_timeout, msg._limit)
         msg._answered = True
-        await _send(msg._conn, Kind.REPLY, msg.request_id, data, msg._reply_timeout)
 
     async def fail(self, msg: Message, text: str, code: int = ErrorCode.HANDLER_FAILED) -> None:
         """``msg.fail(text)`` without blocking the loop."""
@@ -506,8 +513,9 @@ class Client:
     def _check(self, data) -> None:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
-        if len(data) > INLINE_MAX:
-            raise MessageTooLarge(f"payload of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+        size = payload.size_of(data)
+        if size > payload.MAX_PAYLOAD:
+            raise MessageTooLarge(f"payload of {size} bytes is over the {payload.MAX_PAYLOAD}-byte limit")
 
     def _on_readable(self) -> None:
         for _ in range(BATCH):

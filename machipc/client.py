@@ -27,13 +27,14 @@ from .naming import check_socket_owner, service_path
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
-from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
+from . import payload
+from .wire import DROP_TEXT, Drop, ErrorCode, Kind, unpack_error
 
 __all__ = ["Client", "Buffer"]
 
 log = logging.getLogger("machipc")
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = Union[bytes, bytearray, memoryview, payload.LoanBuffer]
 _DEFAULT = object()
 
 
@@ -87,8 +88,11 @@ class Client:
         directory: Optional[str] = None,
         impl: Optional[str] = None,
         server_policy: Optional[PolicyLike] = None,
+        max_size: int = payload.MAX_PAYLOAD,
     ) -> None:
         self.name = name
+        #: Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge.
+        self.max_size = max_size
         # Who may answer: by default a server running as root or as this user,
         # checked on the connected socket's kernel identity (peer_of).
         self.server_policy = as_policy(server_policy) if server_policy is not None else Allowlist(uids={0, os.geteuid()})
@@ -105,6 +109,7 @@ class Client:
             mod = _backend.transport(impl)
             self.implementation = mod.IMPLEMENTATION
             self._conn = mod.Conn(self._connect(), False, False)
+            self._conn.max_payload = max_size
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._recv_lock = threading.Lock()
@@ -148,13 +153,23 @@ class Client:
     def _check(self, data: Buffer) -> None:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
-        if len(data) > INLINE_MAX:
-            raise MessageTooLarge(f"payload of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+        size = payload.size_of(data)
+        if size > self.max_size:
+            raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
+
+    def buffer(self, size: int) -> payload.LoanBuffer:
+        """A writable ``size``-byte buffer to build a payload in place.
+
+        ``with cli.buffer(n) as buf: fill(buf); cli.send(buf)`` sends it with no
+        copy (the memory is sealed and handed to the server); it can be sent
+        once, after every memoryview of it has been released.
+        """
+        return payload.loan(size, self.max_size)
 
     def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
         """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
         self._check(data)
-        self._conn.send(Kind.MESSAGE, 0, data, self._timeout(timeout))
+        payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size)
 
     def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> bytes:  # type: ignore[assignment]
         """Send a request and return the reply's payload.
@@ -169,7 +184,7 @@ class Client:
         rid = next(self._ids)
         slot = self._pending[rid] = _Pending()
         try:
-            self._conn.send(Kind.REQUEST, rid, data, timeout)
+            payload.send(self._conn, Kind.REQUEST, rid, data, timeout, self.max_size)
             self._wait(slot, deadline, timeout)
         finally:
             self._pending.pop(rid, None)

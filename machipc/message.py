@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from .errors import InvalidArgument, MessageTooLarge
-from .wire import INLINE_MAX, ErrorCode, Kind, pack_error
+from . import payload
+from .errors import InvalidArgument
+from .wire import ErrorCode, Kind, pack_error
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -16,14 +17,25 @@ __all__ = ["Message"]
 class Message:
     """A message the server's policy allowed.
 
-    ``data`` is the payload (bytes), ``sender`` the kernel-reported
+    ``data`` is the payload: ``bytes`` when it travelled inline, a read-only
+    zero-copy ``memoryview`` of a sealed memfd when it was large (the mapping
+    goes when the last reference does). ``sender`` is the kernel-reported
     :class:`~machipc.Peer`. Requests must be answered once with :meth:`reply`
     (``Server.serve`` does that with the handler's return value).
     """
 
-    __slots__ = ("data", "sender", "request_id", "decision", "_conn", "_reply_timeout", "_answered")
+    __slots__ = ("data", "sender", "request_id", "decision", "_conn", "_reply_timeout", "_answered", "_limit")
 
-    def __init__(self, data: bytes, sender: "Peer", request_id: int, conn, reply_timeout: Optional[float], decision=None) -> None:
+    def __init__(
+        self,
+        data: "bytes | memoryview",
+        sender: "Peer",
+        request_id: int,
+        conn,
+        reply_timeout: Optional[float],
+        decision=None,
+        limit: int = payload.MAX_PAYLOAD,
+    ) -> None:
         self.data = data
         self.sender = sender
         self.request_id = request_id
@@ -31,6 +43,7 @@ class Message:
         self._conn = conn
         self._reply_timeout = reply_timeout
         self._answered = False
+        self._limit = limit
 
     @property
     def expects_reply(self) -> bool:
@@ -48,17 +61,20 @@ class Message:
         if self._answered:
             raise InvalidArgument(f"request {self.request_id} was already answered")
 
-    def reply(self, data: bytes = b"") -> None:
-        """Send ``data`` back to the requesting client.
+    def reply(self, data: "payload.Payload" = b"") -> None:
+        """Send ``data`` back to the requesting client (any size up to the limit).
 
+        ``data`` may be a buffer from :meth:`buffer`, sent without a copy.
         Raises InvalidArgument for one-way messages or a second reply,
         MessageTooLarge over the size limit, PeerGone if the client left.
         """
         self._check_answerable()
-        if len(data) > INLINE_MAX:
-            raise MessageTooLarge(f"reply of {len(data)} bytes is over the {INLINE_MAX}-byte limit")
+        payload.send(self._conn, Kind.REPLY, self.request_id, data, self._reply_timeout, self._limit)
         self._answered = True
-        self._conn.send(Kind.REPLY, self.request_id, data, self._reply_timeout)
+
+    def buffer(self, size: int) -> "payload.LoanBuffer":
+        """A writable buffer to build a large reply in place: ``msg.reply(buf)`` sends it uncopied."""
+        return payload.loan(size, self._limit)
 
     def fail(self, text: str, code: int = ErrorCode.HANDLER_FAILED) -> None:
         """Answer the request with an error; the client's ``request`` raises it."""

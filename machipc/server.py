@@ -21,7 +21,8 @@ from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy, evaluate
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
-from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, pack_error
+from .payload import MAX_PAYLOAD
+from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
 
@@ -70,15 +71,15 @@ class Server:
         *,
         enforce: bool = True,
         mode: int = 0o666,
-        max_size: int = INLINE_MAX,
+        max_size: int = MAX_PAYLOAD,
         reply_timeout: Optional[float] = 5.0,
         backlog: int = 128,
         directory: Optional[str] = None,
         impl: Optional[str] = None,
         listener: Optional[socket.socket] = None,
     ) -> None:
-        if not 0 <= max_size <= INLINE_MAX:
-            raise ValueError(f"max_size must be between 0 and {INLINE_MAX}, not {max_size}")
+        if max_size < 0:
+            raise ValueError(f"max_size must be >= 0, not {max_size}")
         self.name = name
         self.policy = as_policy(policy) if policy is not None else SameUser()
         self._decisions = DecisionCache(self.policy)  # one decision per sending process
@@ -111,6 +112,7 @@ class Server:
             self._inode = os.stat(self.path).st_ino
         self._listen_fd = listener.fileno()
         self._transport = self._mod.ServerTransport(listener, pidfs_available())
+        self._transport.max_payload = max_size
         if self.activated:  # connections queued before _adopt lack the options: set them per accept
             self._transport.pass_on_accept = True
 
@@ -244,6 +246,7 @@ class Server:
                             raise IPCTimeoutError(f"no message within {timeout} s")
                         continue
                     msg = self._admit(got)
+                    del got  # holds a closed connection's Conn (and so its fd) while we block
                     if msg is not None:
                         return msg
             finally:
@@ -276,7 +279,7 @@ class Server:
                 self._answer_error(conn, request_id, ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes")
             return None
         self.stats.received += 1
-        return Message(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision)
+        return Message(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision, self.max_size)
 
     def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
         """The Peer for this packet and the policy's decision, reused per process."""
@@ -302,10 +305,16 @@ class Server:
 
     def _drop(self, conn, status: int, kind: int, request_id: int, pid: int, uid: int) -> None:
         reason = Drop(status)
-        self.stats.dropped[reason.name] += 1
-        log.warning("dropped packet from pid %d uid %d: %s", pid, uid, DROP_TEXT.get(reason, reason.name))
+        text = DROP_TEXT.get(reason, reason.name)
+        code = ErrorCode.MALFORMED
+        if reason == Drop.OVERSIZE:  # a memfd payload over max_size, refused before mapping
+            self.stats.too_large += 1
+            code, text = ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes"
+        else:
+            self.stats.dropped[reason.name] += 1
+        log.warning("dropped packet from pid %d uid %d: %s", pid, uid, text)
         if kind == Kind.REQUEST and request_id and status not in (Drop.BAD_MAGIC, Drop.NO_CREDENTIALS):
-            self._answer_error(conn, request_id, ErrorCode.MALFORMED, DROP_TEXT.get(reason, reason.name))
+            self._answer_error(conn, request_id, code, text)
 
     def _answer_error(self, conn, request_id: int, code: int, text: str) -> None:
         try:

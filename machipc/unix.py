@@ -31,12 +31,14 @@ from collections import deque
 from typing import Optional
 
 from .errors import IPCTimeoutError, PeerGone, error_from_errno
+from .payload import MAX_PAYLOAD, map_sealed
 from .wire import (
     CLIENT_ACCEPTS,
     HEADER_SIZE,
     PACKET_MAX,
     SERVER_ACCEPTS,
     Drop,
+    Flag,
     check_header,
     pack_header,
 )
@@ -71,17 +73,6 @@ def remaining(deadline: Optional[float]) -> Optional[float]:
     return max(0.0, deadline - time.monotonic())
 
 
-def _close_fds(data: bytes) -> None:
-    fds = array.array("i")
-    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    for fd in fds:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 class Conn:
     """One connected SEQPACKET socket: a client's, or one accepted by a server.
 
@@ -98,14 +89,24 @@ class Conn:
         self._accepted = SERVER_ACCEPTS if server_side else CLIENT_ACCEPTS
         self._pidfs = pidfs
         self._last: Optional[tuple[int, int, int, int]] = None  # pid, uid, gid, pidfd inode
+        #: Largest memfd payload this side maps (bigger ones are dropped as OVERSIZE).
+        self.max_payload = MAX_PAYLOAD
 
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
-        header = pack_header(kind, request_id, len(payload))
+        self._sendmsg([pack_header(kind, request_id, len(payload)), payload], [], timeout)
+
+    def send_fd(self, kind: int, request_id: int, length: int, fd: int, timeout: Optional[float]) -> None:
+        """Send a header whose payload is the sealed memfd ``fd`` (flag PAYLOAD_FD)."""
+        header = pack_header(kind, request_id, length, Flag.PAYLOAD_FD)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        self._sendmsg([header], rights, timeout)
+
+    def _sendmsg(self, buffers: list, ancdata: list, timeout: Optional[float]) -> None:
         deadline = deadline_of(timeout)
         while True:
             try:
-                self.sock.sendmsg([header, payload])
+                self.sock.sendmsg(buffers, ancdata)
                 return
             except BlockingIOError:
                 pass
@@ -149,6 +150,7 @@ class Conn:
     def _parse(self, data: bytes, anc: list, msg_flags: int) -> tuple:
         pid = uid = gid = 0
         pidfd = -1
+        fds: list[int] = []
         status = Drop.OK
         creds = False
         for level, kind, cdata in anc:
@@ -160,22 +162,33 @@ class Conn:
             elif kind == SCM_PIDFD and len(cdata) >= 4 and pidfd == -1:
                 pidfd = struct.unpack_from("i", cdata)[0]
             elif kind == socket.SCM_RIGHTS:
-                _close_fds(cdata)
-                status = Drop.UNEXPECTED_FDS
+                received = array.array("i")
+                received.frombytes(cdata[: len(cdata) - len(cdata) % received.itemsize])
+                fds.extend(fd for fd in received if fd >= 0)
         if pidfd < -1:
             pidfd = -1  # the kernel reports a failed pidfd as a negative errno
         if msg_flags & socket.MSG_CTRUNC:
             status = Drop.CTRUNC
         elif msg_flags & socket.MSG_TRUNC:
             status = Drop.TRUNCATED
-        elif status == Drop.OK and self._server_side and (not creds or pid == 0):
+        elif self._server_side and (not creds or pid == 0):
             status = Drop.NO_CREDENTIALS
         hstatus, header = check_header(data, self._accepted)
         if status == Drop.OK:
             status = hstatus
         kind = flags = request_id = 0
+        payload = data[HEADER_SIZE:]
         if header is not None:
             kind, flags, request_id = header.kind, header.flags, header.request_id
+        if status == Drop.OK and fds:
+            if flags & Flag.PAYLOAD_FD and len(fds) == 1:
+                status, payload = map_sealed(fds.pop(), header.length, self.max_payload)
+            else:
+                status = Drop.UNEXPECTED_FDS
+        elif status == Drop.OK and flags & Flag.PAYLOAD_FD:
+            status = Drop.BAD_PAYLOAD_FD  # the flag promised an fd that did not come
+        for fd in fds:  # every fd we did not take is closed
+            os.close(fd)
         if status != Drop.OK:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -187,7 +200,7 @@ class Conn:
                 pidfd = SAME_PEER
             else:
                 self._last = ident
-        return (status, self, kind, flags, request_id, data[HEADER_SIZE:], pid, uid, gid, pidfd)
+        return (status, self, kind, flags, request_id, payload, pid, uid, gid, pidfd)
 
     def shutdown(self) -> None:
         """Tell the peer we are gone (EOF on its side); the fd stays open until released."""
@@ -211,6 +224,8 @@ class ServerTransport:
         listener.setblocking(False)
         self._listener = listener
         self._pidfs = pidfs
+        #: Largest memfd payload accepted connections map (Server sets it from max_size).
+        self.max_payload = MAX_PAYLOAD
         self._ep = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(listener.fileno(), select.EPOLLIN)
@@ -290,6 +305,7 @@ class ServerTransport:
                 except OSError:
                     pass
             conn = Conn(sock, True, self._pidfs)
+            conn.max_payload = self.max_payload
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, select.EPOLLIN)
 

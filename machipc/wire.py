@@ -44,12 +44,15 @@ class Kind(enum.IntEnum):
 
 
 class Flag(enum.IntFlag):
-    """Header flag bits (none are defined in protocol version 1)."""
+    """Header flag bits."""
 
     NONE = 0
+    #: The payload is in a sealed memfd attached with SCM_RIGHTS; the packet is
+    #: the header alone and ``length`` is the memfd's size.
+    PAYLOAD_FD = 1
 
 
-KNOWN_FLAGS = 0
+KNOWN_FLAGS = int(Flag.PAYLOAD_FD)
 
 
 class ErrorCode(enum.IntEnum):
@@ -78,6 +81,8 @@ class Drop(enum.IntEnum):
     UNEXPECTED_FDS = 10  # file descriptors attached (all closed)
     CTRUNC = 11  # control data truncated (fds dropped by the kernel)
     BAD_REQUEST_ID = 12  # one-way with an id, or request without one
+    BAD_PAYLOAD_FD = 13  # PAYLOAD_FD without exactly one sealed memfd of the right size
+    OVERSIZE = 14  # payload over the receiver's limit
 
 
 DROP_TEXT = {
@@ -92,6 +97,8 @@ DROP_TEXT = {
     Drop.UNEXPECTED_FDS: "unexpected file descriptors (closed)",
     Drop.CTRUNC: "control data truncated by the kernel",
     Drop.BAD_REQUEST_ID: "request id does not fit the packet kind",
+    Drop.BAD_PAYLOAD_FD: "payload fd missing, not a memfd, not fully sealed, or of the wrong size",
+    Drop.OVERSIZE: "payload over the size limit",
 }
 
 
@@ -126,7 +133,10 @@ def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[
         return Drop.BAD_KIND, header
     if flags & ~KNOWN_FLAGS:
         return Drop.BAD_FLAGS, header
-    if length != len(packet) - HEADER_SIZE:
+    if flags & Flag.PAYLOAD_FD:
+        if len(packet) != HEADER_SIZE or length == 0:
+            return Drop.BAD_LENGTH, header
+    elif length != len(packet) - HEADER_SIZE:
         return Drop.BAD_LENGTH, header
     if (request_id == 0) != (kind == Kind.MESSAGE):
         return Drop.BAD_REQUEST_ID, header

@@ -295,3 +295,23 @@ def test_sigterm_asyncio_daemon_loses_nothing(impl, sockdir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_large_payloads_both_ways(impl, sockdir):
+    """Memfd payloads through the asyncio front: request, reply and one-way."""
+    from machipc import aio
+
+    big = bytes(range(256)) * 4096  # 1 MiB
+
+    async def main():
+        async with aio.Server("org.test.aiobig", directory=sockdir, impl=impl) as srv:
+            async def handle(msg):
+                return bytes(msg.data[::-1]) if msg.expects_reply else None
+
+            task = asyncio.ensure_future(srv.serve(handle))
+            async with aio.Client("org.test.aiobig", directory=sockdir, impl=impl) as cli:
+                assert await cli.request(big, timeout=10) == big[::-1]
+            srv.close()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())

@@ -25,10 +25,14 @@ def test_request_round_trip(serve, client):
     assert cli.request(b"ping", timeout=5) == b"echo:ping"
     assert cli.request(b"", timeout=5) == b"echo:"
     big = b"x" * (wire.INLINE_MAX - 5)
-    assert cli.request(big, timeout=5) == b"echo:" + big
-    # A reply over the limit becomes an error reply, never silence.
-    with pytest.raises(machipc.RemoteError, match="limit"):
-        cli.request(big + b"!", timeout=5)
+    assert cli.request(big, timeout=5) == b"echo:" + big  # the reply goes out as a memfd
+
+
+def test_reply_over_the_client_limit_is_an_error_not_silence(serve, client):
+    serve(lambda m: b"y" * 200_000)
+    cli = client(max_size=100_000)
+    with pytest.raises(machipc.ProtocolError, match="over the size limit"):
+        cli.request(b"x", timeout=5)
 
 
 def test_one_way_messages_arrive_in_order(impl, sockdir, client):
@@ -149,13 +153,19 @@ def test_broken_policy_fails_closed(serve, client):
 def test_oversized_payload(serve, client):
     srv = serve(max_size=100)
     cli = client()
-    with pytest.raises(machipc.MessageTooLarge) as info:
-        cli.request(b"x" * (wire.INLINE_MAX + 1))
+    # Over the server's limit: refused by the server (a memfd is refused before it is mapped).
+    with pytest.raises(machipc.MessageTooLarge, match="limit of 100") as info:
+        cli.request(b"x" * (wire.INLINE_MAX + 1), timeout=5)
     assert isinstance(info.value, ValueError)
     with pytest.raises(machipc.MessageTooLarge, match="limit of 100"):
         cli.request(b"x" * 101, timeout=5)
     assert cli.request(b"x" * 100, timeout=5) == b"echo:" + b"x" * 100
-    assert srv.stats.too_large == 1
+    assert srv.stats.too_large == 2
+    # Over the client's own limit: refused before anything is sent.
+    small = client(max_size=1000)
+    with pytest.raises(machipc.MessageTooLarge, match="1000-byte limit"):
+        small.send(b"x" * 1001)
+    assert srv.stats.too_large == 2
 
 
 def test_handler_error_becomes_remote_error(serve, client):

@@ -1,0 +1,181 @@
+"""Large payloads: sealed memfds handed over with SCM_RIGHTS (Linux).
+
+Payloads up to ``wire.INLINE_MAX`` travel inside the packet. Larger ones are
+written into a memfd that the sender then seals against writing, shrinking and
+growing; the packet carries only the header (flag ``PAYLOAD_FD``) and the fd.
+The receiver insists on every seal, checks the size against the header, and
+maps the file read-only: the bytes it hands out cannot change under it, and
+no byte is copied on the receiving side.
+
+Why it is fast: the sender fills the memfd with ``write()`` (or writes straight
+into a loaned mapping, see :func:`loan`), so pages are allocated in one kernel
+pass instead of one page fault each, and the receiver maps with
+``MAP_POPULATE`` so its page tables are built in one call. A fresh memfd
+mapped and faulted page by page runs at 1.2-1.9 GB/s here; this path runs at
+memcpy-like speed (see bench/).
+
+Both transports (the Cython one and its pure twin) call :func:`map_sealed` for
+every received fd, so the checks are written once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+from typing import Optional, Union
+
+from .errors import InvalidArgument, MessageTooLarge
+from .wire import INLINE_MAX, Drop, Flag
+
+__all__ = ["MAX_PAYLOAD", "REQUIRED_SEALS", "LoanBuffer", "loan", "sealed_memfd", "map_sealed", "size_of", "prepare", "send"]
+
+#: Default largest payload a server or client accepts (both configurable with ``max_size=``).
+MAX_PAYLOAD = 64 * 1024 * 1024
+REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_MEMFD_FLAGS = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+
+Payload = Union[bytes, bytearray, memoryview, "LoanBuffer"]
+
+
+class LoanBuffer(mmap.mmap):
+    """A writable buffer the payload is built in place, then sent without a copy.
+
+    Made by :func:`loan` (``Client.buffer(size)``, ``Message.buffer(size)``).
+    Sending it seals the memory: it can be sent once, and memoryviews taken
+    of it must be released first.
+    """
+
+    fd: int = -1
+
+    def seal(self) -> int:
+        """Unmap, seal and return the memfd (the caller sends and closes it)."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            raise InvalidArgument("this loaned buffer was already sent")
+        try:
+            self.close()
+        except BufferError:
+            self.fd = fd
+            raise InvalidArgument("release every memoryview of the loaned buffer before sending it") from None
+        # F_SEAL_WRITE fails while a writable shared mapping exists: the close above matters.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+        return fd
+
+    def discard(self) -> None:
+        """Free the buffer without sending it (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        if not self.closed:
+            try:
+                self.close()
+            except BufferError:
+                pass  # unmapped when the last view goes
+
+    def __enter__(self) -> "LoanBuffer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+
+def loan(size: int, limit: int = MAX_PAYLOAD) -> LoanBuffer:
+    """A ``size``-byte writable buffer backed by a fresh memfd, pages pre-faulted."""
+    if not 0 < size <= limit:
+        raise MessageTooLarge(f"a loaned buffer must hold 1 to {limit} bytes, not {size}")
+    fd = os.memfd_create("machipc-loan", _MEMFD_FLAGS)
+    try:
+        os.ftruncate(fd, size)
+        buf = LoanBuffer(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    buf.fd = fd
+    return buf
+
+
+def sealed_memfd(data: Union[bytes, bytearray, memoryview]) -> int:
+    """A new memfd holding ``data``, sealed against any change; the caller closes it."""
+    fd = os.memfd_create("machipc-payload", _MEMFD_FLAGS)
+    try:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryview]]:
+    """Check a received payload fd and map it read-only. Always closes ``fd``.
+
+    Returns ``(Drop.OK, view)`` or ``(reason, None)``: the fd must be a regular
+    memfd carrying every seal in ``REQUIRED_SEALS`` whose size equals the
+    header's ``length``, and ``length`` must not exceed ``limit``.
+    """
+    try:
+        if length > limit:
+            return Drop.OVERSIZE, None
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            return Drop.BAD_PAYLOAD_FD, None  # not a memfd (EINVAL) or a bad fd
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+            return Drop.BAD_PAYLOAD_FD, None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != length or length == 0:
+            return Drop.BAD_PAYLOAD_FD, None
+        try:
+            mapped = mmap.mmap(fd, length, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
+        except OSError as exc:
+            if exc.errno in (errno.ENOMEM, errno.EAGAIN):
+                return Drop.OVERSIZE, None
+            return Drop.BAD_PAYLOAD_FD, None
+        return Drop.OK, memoryview(mapped)
+    finally:
+        os.close(fd)
+
+
+def size_of(data: Payload) -> int:
+    """Payload size in bytes (a memoryview's ``nbytes``; a sent loan is an error)."""
+    if isinstance(data, LoanBuffer):
+        if data.fd < 0:
+            raise InvalidArgument("this loaned buffer was already sent")
+        return len(data)
+    return data.nbytes if isinstance(data, memoryview) else len(data)
+
+
+def prepare(data: Payload, limit: int) -> tuple[int, int]:
+    """``(length, fd)`` for sending ``data``: ``fd`` is -1 when it goes inline, else a
+    sealed memfd holding it, which the caller sends (``send_fd``) and closes."""
+    length = size_of(data)
+    if isinstance(data, LoanBuffer):
+        return length, data.seal()
+    if length <= INLINE_MAX:
+        return length, -1
+    if length > limit:
+        raise MessageTooLarge(f"payload of {length} bytes is over the {limit}-byte limit")
+    return length, sealed_memfd(data)
+
+
+def send(conn, kind: int, request_id: int, data: Payload, timeout: Optional[float], limit: int) -> None:
+    """Send ``data`` on a transport connection: inline when small, as a sealed memfd otherwise."""
+    send_fd = getattr(conn, "send_fd", None)
+    if send_fd is None:  # the Mach transport carries large payloads out of line itself
+        conn.send(kind, request_id, data, timeout)
+        return
+    length, fd = prepare(data, limit)
+    if fd < 0:
+        conn.send(kind, request_id, data, timeout)
+        return
+    try:
+        send_fd(kind, request_id, length, fd, timeout)
+    finally:
+        os.close(fd)
