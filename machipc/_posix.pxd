@@ -53,7 +53,12 @@ cdef extern from "<sys/socket.h>" nogil:
     size_t CMSG_LEN(size_t length)
     size_t CMSG_SPACE(size_t length)
 
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int accept4(int fd, void *addr, socklen_t *addrlen, int flags)
     int shutdown(int fd, int how)

@@ -44,6 +44,7 @@ CONSTANTS = {
 DEF CMSG_BUF = 2048
 DEF MAX_EVENTS = 64
 DEF CMSG_FD_SPACE = 64  # >= CMSG_SPACE(sizeof(int)) on every ABI
+DEF SEND_BATCH = 64     # packets per sendmmsg call
 
 cdef unsigned long long _next_id = 0
 
@@ -312,6 +313,67 @@ cdef class Conn:
             self._sendmsg(&msg, timeout, view.len)
         finally:
             PyBuffer_Release(&view)
+
+    def send_many(self, int kind, list payloads, timeout):
+        """Send inline packets in order with as few ``sendmmsg`` calls as possible.
+
+        Every payload must fit inline. Waits up to ``timeout`` (for the whole
+        batch) while the peer's queue is full; on timeout the packets already
+        sent stay sent and the error says how many.
+        """
+        cdef Py_ssize_t n = len(payloads)
+        cdef Py_ssize_t done = 0, i, count, acquired
+        cdef int sent = 0, err = 0, rc
+        cdef double deadline = _deadline(timeout)
+        cdef mmsghdr vec[SEND_BATCH]
+        cdef iovec iov[2 * SEND_BATCH]
+        cdef uint8_t headers[SEND_BATCH][HEADER_SIZE]
+        cdef Py_buffer views[SEND_BATCH]
+        cdef pollfd pfd
+        if self.fd < 0:
+            raise PeerGone("send: the connection is closed")
+        pfd.fd = self.fd
+        pfd.events = POLLOUT
+        while done < n:
+            count = min(n - done, SEND_BATCH)
+            memset(vec, 0, sizeof(vec))
+            acquired = 0
+            try:
+                for i in range(count):
+                    PyObject_GetBuffer(payloads[done + i], &views[i], PyBUF_SIMPLE)
+                    acquired += 1
+                    if views[i].len > INLINE_MAX:
+                        raise MessageTooLarge(f"send_many: item {done + i} ({views[i].len} bytes) does not fit inline")
+                    _pack_header(headers[i], kind, 0, views[i].len, 0)
+                    iov[2 * i].iov_base = headers[i]
+                    iov[2 * i].iov_len = HEADER_SIZE
+                    iov[2 * i + 1].iov_base = views[i].buf
+                    iov[2 * i + 1].iov_len = views[i].len
+                    vec[i].msg_hdr.msg_iov = &iov[2 * i]
+                    vec[i].msg_hdr.msg_iovlen = 2
+                with nogil:
+                    sent = sendmmsg(self.fd, vec, <unsigned int>count, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    err = errno if sent < 0 else 0
+                    if err == EAGAIN:
+                        rc = _ms_left(deadline)
+                        if rc != 0:
+                            poll(&pfd, 1, rc)
+            finally:
+                for i in range(acquired):
+                    PyBuffer_Release(&views[i])
+            if sent > 0:
+                done += sent
+                continue
+            if err == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if err == EAGAIN:
+                if _ms_left(deadline) == 0:
+                    raise IPCTimeoutError(f"send_many: the peer's queue stayed full for {timeout} s ({done} of {n} sent)")
+                continue
+            if err == EPIPE or err == ECONNRESET:
+                raise PeerGone(f"send_many: the peer closed the connection ({done} of {n} sent)")
+            raise error_from_errno(err, "sendmmsg")
 
     def send_fd(self, int kind, unsigned long long request_id, unsigned long long length, int fd, timeout):
         """Send a header whose payload is the sealed memfd ``fd`` (flag PAYLOAD_FD)."""

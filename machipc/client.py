@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 from . import _backend
 from .errors import (
@@ -28,7 +28,7 @@ from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
 from . import payload
-from .wire import DROP_TEXT, Drop, ErrorCode, Kind, unpack_error
+from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
 
 __all__ = ["Client", "Buffer"]
 
@@ -36,6 +36,7 @@ log = logging.getLogger("machipc")
 
 Buffer = Union[bytes, bytearray, memoryview, payload.LoanBuffer]
 _DEFAULT = object()
+_BATCH = 256  # one-way messages handed to the transport at once by send_many
 
 
 class _Pending:
@@ -170,6 +171,39 @@ class Client:
         """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
         self._check(data)
         payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size)
+
+    def send_many(self, messages: Iterable[Buffer], timeout: Optional[float] = _DEFAULT) -> int:  # type: ignore[assignment]
+        """Send one-way messages in order, small ones batched (``sendmmsg``); returns the count.
+
+        ``timeout`` bounds each wait for queue space. Large payloads in the
+        stream go out as memfds in their place, so order is kept.
+        """
+        timeout = self._timeout(timeout)
+        send_many = getattr(self._conn, "send_many", None)
+        batch: list = []
+        sent = 0
+
+        def flush() -> int:
+            if send_many is not None:
+                send_many(Kind.MESSAGE, batch, timeout)
+            else:
+                for item in batch:
+                    self._conn.send(Kind.MESSAGE, 0, item, timeout)
+            n = len(batch)
+            batch.clear()
+            return n
+
+        for data in messages:
+            self._check(data)
+            if isinstance(data, payload.LoanBuffer) or payload.size_of(data) > INLINE_MAX:
+                sent += flush()
+                payload.send(self._conn, Kind.MESSAGE, 0, data, timeout, self.max_size)
+                sent += 1
+            else:
+                batch.append(data)
+                if len(batch) == _BATCH:
+                    sent += flush()
+        return sent + flush()
 
     def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> bytes:  # type: ignore[assignment]
         """Send a request and return the reply's payload.

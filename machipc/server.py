@@ -233,22 +233,42 @@ class Server:
         the server is closed. Rejected and malformed packets are logged,
         counted in ``stats`` and never returned.
         """
+        return self._receive(timeout, 1)[0]
+
+    def receive_many(self, max_count: int = 64, timeout: Optional[float] = None) -> list[Message]:
+        """Like ``receive``, then also take what is already queued, up to ``max_count``.
+
+        Waits (up to ``timeout``) only for the first message; per-sender order
+        is kept and every message is policy-checked like ``receive``.
+        """
+        if max_count < 1:
+            raise ValueError(f"max_count must be >= 1, not {max_count}")
+        return self._receive(timeout, max_count)
+
+    def _receive(self, timeout: Optional[float], max_count: int) -> list[Message]:
         deadline = deadline_of(timeout)
+        batch: list[Message] = []
         with self._recv_lock:
             self._receiver = threading.get_ident()
             try:
                 while True:
                     if self._closed or self._stop_serving:
+                        if batch:
+                            return batch
                         raise ServerClosed(f"server {self.name!r} is closed")
-                    got = self._transport.recv(remaining(deadline))
+                    got = self._transport.recv(0 if batch else remaining(deadline))
                     if got is None:
+                        if batch:
+                            return batch
                         if deadline is not None and remaining(deadline) == 0.0:
                             raise IPCTimeoutError(f"no message within {timeout} s")
                         continue
                     msg = self._admit(got)
                     del got  # holds a closed connection's Conn (and so its fd) while we block
                     if msg is not None:
-                        return msg
+                        batch.append(msg)
+                        if len(batch) == max_count:
+                            return batch
             finally:
                 self._receiver = None
                 if self._closed:

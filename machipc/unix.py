@@ -30,11 +30,12 @@ import time
 from collections import deque
 from typing import Optional
 
-from .errors import IPCTimeoutError, PeerGone, error_from_errno
+from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from .payload import MAX_PAYLOAD, map_sealed
 from .wire import (
     CLIENT_ACCEPTS,
     HEADER_SIZE,
+    INLINE_MAX,
     PACKET_MAX,
     SERVER_ACCEPTS,
     Drop,
@@ -95,6 +96,17 @@ class Conn:
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
         self._sendmsg([pack_header(kind, request_id, len(payload)), payload], [], timeout)
+
+    def send_many(self, kind: int, payloads: list, timeout: Optional[float]) -> None:
+        """Send inline packets in order (the Cython twin batches them with sendmmsg)."""
+        deadline = deadline_of(timeout)
+        for i, data in enumerate(payloads):
+            if len(data) > INLINE_MAX:
+                raise MessageTooLarge(f"send_many: item {i} ({len(data)} bytes) does not fit inline")
+            try:
+                self.send(kind, 0, data, remaining(deadline))
+            except IPCTimeoutError:
+                raise IPCTimeoutError(f"send_many: the peer's queue stayed full for {timeout} s ({i} of {len(payloads)} sent)") from None
 
     def send_fd(self, kind: int, request_id: int, length: int, fd: int, timeout: Optional[float]) -> None:
         """Send a header whose payload is the sealed memfd ``fd`` (flag PAYLOAD_FD)."""
