@@ -8,13 +8,14 @@ receive buffer per server is reused for every packet.
 
 from collections import deque
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMSGSIZE, EPIPE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
@@ -23,6 +24,7 @@ from ._posix cimport *
 from ._wire cimport *
 
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
+from .arena import locate as arena_locate, release as arena_release
 from .payload import MAX_PAYLOAD, map_sealed
 
 IMPLEMENTATION = "c"
@@ -38,6 +40,7 @@ CONSTANTS = {
     "UNEXPECTED_FDS": DROP_UNEXPECTED_FDS, "CTRUNC": DROP_CTRUNC,
     "BAD_REQUEST_ID": DROP_BAD_REQUEST_ID, "CLOSED": DROP_CLOSED,
     "BAD_PAYLOAD_FD": DROP_BAD_PAYLOAD_FD, "OVERSIZE": DROP_OVERSIZE, "PAYLOAD_FD": FLAG_PAYLOAD_FD,
+    "BAD_ARENA": DROP_BAD_ARENA, "ARENA": FLAG_ARENA, "ARENA_REF_SIZE": ARENA_REF_SIZE,
 }
 
 # Room for credentials, one pidfd and up to 253 unexpected fds (so they can be closed).
@@ -138,7 +141,10 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
     if pk.flags & ~(<uint32_t>KNOWN_FLAGS):
         return DROP_BAD_FLAGS
     pk.length = length
-    if pk.flags & FLAG_PAYLOAD_FD:
+    if pk.flags & FLAG_ARENA:
+        if n != HEADER_SIZE + ARENA_REF_SIZE or length == 0:
+            return DROP_BAD_LENGTH
+    elif pk.flags & FLAG_PAYLOAD_FD:
         if n != HEADER_SIZE or length == 0:
             return DROP_BAD_LENGTH
     elif length != <uint64_t>(n - HEADER_SIZE):
@@ -253,6 +259,75 @@ cdef inline void memcpy_ucred(ucred *dst, const unsigned char *src) noexcept nog
         d[i] = s[i]
 
 
+# -- receiver-owned copies of arena payloads ---------------------------------
+# Fresh memory for every large copy would page-fault at a few GB/s; freed blocks
+# are kept (a few, up to POOL_BYTES) and reused, so the copy runs at memcpy speed.
+
+DEF POOL_SLOTS = 8
+DEF POOL_BYTES = 256 * 1024 * 1024
+DEF MAP_POPULATE_FLAG = 0x8000  # Linux MAP_POPULATE
+
+cdef char *_pool_ptr[POOL_SLOTS]
+cdef size_t _pool_cap[POOL_SLOTS]
+cdef size_t _pool_total = 0
+
+
+cdef char *_pool_take(size_t size, size_t *capacity):
+    """A block of at least ``size`` bytes (at most twice that), reused when possible."""
+    global _pool_total
+    cdef int i
+    cdef void *p
+    for i in range(POOL_SLOTS):
+        if _pool_ptr[i] != NULL and size <= _pool_cap[i] <= 2 * size:
+            capacity[0] = _pool_cap[i]
+            _pool_total -= _pool_cap[i]
+            p = _pool_ptr[i]
+            _pool_ptr[i] = NULL
+            return <char *>p
+    capacity[0] = (size + 65535) & ~(<size_t>65535)
+    p = mmap(NULL, capacity[0], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE_FLAG, -1, 0)
+    if p == MAP_FAILED:
+        raise MemoryError(f"cannot map {capacity[0]} bytes for a received payload")
+    return <char *>p
+
+
+cdef void _pool_give(char *p, size_t capacity) noexcept:
+    global _pool_total
+    cdef int i
+    if _pool_total + capacity <= POOL_BYTES:
+        for i in range(POOL_SLOTS):
+            if _pool_ptr[i] == NULL:
+                _pool_ptr[i] = p
+                _pool_cap[i] = capacity
+                _pool_total += capacity
+                return
+    munmap(p, capacity)
+
+
+cdef class PrivateBuffer:
+    """Read-only bytes copied out of a sender's arena, in memory only this process maps."""
+
+    cdef char *data
+    cdef size_t size
+    cdef size_t capacity
+
+    def __cinit__(self, size_t size):
+        self.data = _pool_take(size, &self.capacity)
+        self.size = size
+
+    def __dealloc__(self):
+        if self.data != NULL:
+            _pool_give(self.data, self.capacity)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a received payload is read-only")
+        PyBuffer_FillInfo(view, self, self.data, self.size, 1, flags)
+
+    def __len__(self):
+        return self.size
+
+
 cdef class Conn:
     """One connected SEQPACKET socket; the fd is closed when the last reference goes."""
 
@@ -265,6 +340,7 @@ cdef class Conn:
     cdef unsigned int last_uid, last_gid
     cdef unsigned long long last_ino
     cdef public unsigned long long max_payload  # largest memfd payload mapped
+    cdef public dict arenas  # the peer's arenas: id -> mapping
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -276,6 +352,7 @@ cdef class Conn:
         self.server_side = server_side
         self.pidfs = pidfs
         self.max_payload = MAX_PAYLOAD
+        self.arenas = {}
         if sock is not None:
             sock.setblocking(False)
             self.fd = sock.detach()
@@ -375,27 +452,32 @@ cdef class Conn:
                 raise PeerGone(f"send_many: the peer closed the connection ({done} of {n} sent)")
             raise error_from_errno(err, "sendmmsg")
 
-    def send_fd(self, int kind, unsigned long long request_id, unsigned long long length, int fd, timeout):
-        """Send a header whose payload is the sealed memfd ``fd`` (flag PAYLOAD_FD)."""
+    def send_fd(self, int kind, unsigned long long request_id, unsigned long long length, int fd, timeout,
+                unsigned int flags=FLAG_PAYLOAD_FD, bytes body=b""):
+        """Send a header for an out-of-band payload of ``length`` bytes, with ``body``
+        and, when ``fd`` >= 0, the fd attached (a sealed memfd, or a new arena)."""
         cdef uint8_t header[HEADER_SIZE]
-        cdef iovec iov
+        cdef iovec iov[2]
         cdef msghdr msg
         cdef char control[CMSG_FD_SPACE]
         cdef cmsghdr *c
-        _pack_header(header, kind, request_id, length, FLAG_PAYLOAD_FD)
-        iov.iov_base = header
-        iov.iov_len = HEADER_SIZE
+        _pack_header(header, kind, request_id, length, flags)
+        iov[0].iov_base = header
+        iov[0].iov_len = HEADER_SIZE
+        iov[1].iov_base = <char *>body
+        iov[1].iov_len = len(body)
         memset(&msg, 0, sizeof(msg))
-        memset(control, 0, sizeof(control))
-        msg.msg_iov = &iov
-        msg.msg_iovlen = 1
-        msg.msg_control = control
-        msg.msg_controllen = CMSG_SPACE(sizeof(int))
-        c = CMSG_FIRSTHDR(&msg)
-        c.cmsg_level = SOL_SOCKET
-        c.cmsg_type = SCM_RIGHTS
-        c.cmsg_len = CMSG_LEN(sizeof(int))
-        (<int *>CMSG_DATA(c))[0] = fd
+        msg.msg_iov = iov
+        msg.msg_iovlen = 2
+        if fd >= 0:
+            memset(control, 0, sizeof(control))
+            msg.msg_control = control
+            msg.msg_controllen = CMSG_SPACE(sizeof(int))
+            c = CMSG_FIRSTHDR(&msg)
+            c.cmsg_level = SOL_SOCKET
+            c.cmsg_type = SCM_RIGHTS
+            c.cmsg_len = CMSG_LEN(sizeof(int))
+            (<int *>CMSG_DATA(c))[0] = fd
         self._sendmsg(&msg, timeout, length)
 
     cdef _sendmsg(self, msghdr *msg, timeout, size_t size):
@@ -434,7 +516,16 @@ cdef class Conn:
     cdef object _result(self, Packet *pk, const uint8_t *buf):
         cdef struct_stat st
         cdef object payload = b""
-        if pk.status == DROP_OK and pk.fd >= 0:
+        if pk.status == DROP_OK and pk.flags & FLAG_ARENA:
+            status, payload = self._copy_out(pk, buf)
+            pk.fd = -1
+            if status != DROP_OK:
+                pk.status = status
+                payload = b""
+                if pk.pidfd >= 0:
+                    close(pk.pidfd)
+                    pk.pidfd = -1
+        elif pk.status == DROP_OK and pk.fd >= 0:
             status, payload = map_sealed(pk.fd, pk.length, self.max_payload)  # closes the fd
             pk.fd = -1
             if status != DROP_OK:
@@ -458,6 +549,26 @@ cdef class Conn:
                     self.last_gid = pk.gid
                     self.last_ino = st.st_ino
         return (pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
+
+    cdef object _copy_out(self, Packet *pk, const uint8_t *buf):
+        """An ARENA payload: checked by arena.locate, copied into receiver-owned memory."""
+        cdef Py_buffer src
+        cdef PrivateBuffer out
+        cdef Py_ssize_t offset
+        body = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE)
+        status, mapping, start, position = arena_locate(self.arenas, body, pk.length, pk.fd, self.max_payload)
+        if status != DROP_OK:
+            return status, None
+        out = PrivateBuffer.__new__(PrivateBuffer, pk.length)
+        offset = start
+        PyObject_GetBuffer(mapping, &src, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                memcpy(out.data, <const char *>src.buf + offset, pk.length)
+        finally:
+            PyBuffer_Release(&src)
+        arena_release(mapping, position)
+        return DROP_OK, memoryview(out)
 
     cdef object _recv_nowait(self, uint8_t *buf, char *cbuf):
         cdef Packet pk

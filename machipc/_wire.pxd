@@ -13,7 +13,9 @@ cdef enum:
     KIND_REPLY = 3
     KIND_ERROR = 4
     FLAG_PAYLOAD_FD = 1
-    KNOWN_FLAGS = 1
+    FLAG_ARENA = 2
+    KNOWN_FLAGS = 3
+    ARENA_REF_SIZE = 24
 
     DROP_OK = 0
     DROP_CLOSED = 1
@@ -30,6 +32,7 @@ cdef enum:
     DROP_BAD_REQUEST_ID = 12
     DROP_BAD_PAYLOAD_FD = 13
     DROP_OVERSIZE = 14
+    DROP_BAD_ARENA = 15
 
     SO_PASSPIDFD = 76
     SCM_PIDFD = 4

@@ -27,7 +27,7 @@ from .naming import check_socket_owner, service_path
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
-from . import payload
+from . import arena, payload
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
 
 __all__ = ["Client", "Buffer"]
@@ -90,6 +90,7 @@ class Client:
         impl: Optional[str] = None,
         server_policy: Optional[PolicyLike] = None,
         max_size: int = payload.MAX_PAYLOAD,
+        arenas: bool = True,
     ) -> None:
         self.name = name
         #: Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge.
@@ -111,6 +112,8 @@ class Client:
             self.implementation = mod.IMPLEMENTATION
             self._conn = mod.Conn(self._connect(), False, False)
             self._conn.max_payload = max_size
+        #: Large payloads go through a reused arena (machipc/arena.py); None: sealed memfds only.
+        self._arenas = arena.ArenaSender(max_size) if arenas and hasattr(self._conn, "send_fd") else None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._recv_lock = threading.Lock()
@@ -170,7 +173,7 @@ class Client:
     def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
         """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
         self._check(data)
-        payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size)
+        payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size, self._arenas)
 
     def send_many(self, messages: Iterable[Buffer], timeout: Optional[float] = _DEFAULT) -> int:  # type: ignore[assignment]
         """Send one-way messages in order, small ones batched (``sendmmsg``); returns the count.
@@ -197,7 +200,7 @@ class Client:
             self._check(data)
             if isinstance(data, payload.LoanBuffer) or payload.size_of(data) > INLINE_MAX:
                 sent += flush()
-                payload.send(self._conn, Kind.MESSAGE, 0, data, timeout, self.max_size)
+                payload.send(self._conn, Kind.MESSAGE, 0, data, timeout, self.max_size, self._arenas)
                 sent += 1
             else:
                 batch.append(data)
@@ -218,7 +221,7 @@ class Client:
         rid = next(self._ids)
         slot = self._pending[rid] = _Pending()
         try:
-            payload.send(self._conn, Kind.REQUEST, rid, data, timeout, self.max_size)
+            payload.send(self._conn, Kind.REQUEST, rid, data, timeout, self.max_size, self._arenas)
             self._wait(slot, deadline, timeout)
         finally:
             self._pending.pop(rid, None)
@@ -291,6 +294,8 @@ class Client:
                 self._recv_lock.release()
         if self.server_peer is not None:
             self.server_peer.close()  # its pidfd
+        if self._arenas is not None:
+            self._arenas.close()
 
     def __enter__(self) -> "Client":
         return self

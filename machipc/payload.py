@@ -165,11 +165,16 @@ def prepare(data: Payload, limit: int) -> tuple[int, int]:
     return length, sealed_memfd(data)
 
 
-def send(conn, kind: int, request_id: int, data: Payload, timeout: Optional[float], limit: int) -> None:
-    """Send ``data`` on a transport connection: inline when small, as a sealed memfd otherwise."""
+def send(conn, kind: int, request_id: int, data: Payload, timeout: Optional[float], limit: int, arenas=None) -> None:
+    """Send ``data`` on a transport connection: inline when small; otherwise through
+    ``arenas`` (an ``arena.ArenaSender``) when given, else as a sealed memfd."""
     send_fd = getattr(conn, "send_fd", None)
     if send_fd is None:  # the Mach transport carries large payloads out of line itself
         conn.send(kind, request_id, data, timeout)
+        return
+    size = size_of(data)
+    if arenas is not None and INLINE_MAX < size <= limit and not isinstance(data, LoanBuffer) and arenas.usable(size):
+        arenas.send(conn, kind, request_id, data, size, timeout)
         return
     length, fd = prepare(data, limit)
     if fd < 0:

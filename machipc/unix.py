@@ -31,6 +31,7 @@ from collections import deque
 from typing import Optional
 
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
+from . import arena
 from .payload import MAX_PAYLOAD, map_sealed
 from .wire import (
     CLIENT_ACCEPTS,
@@ -92,6 +93,7 @@ class Conn:
         self._last: Optional[tuple[int, int, int, int]] = None  # pid, uid, gid, pidfd inode
         #: Largest memfd payload this side maps (bigger ones are dropped as OVERSIZE).
         self.max_payload = MAX_PAYLOAD
+        self.arenas: dict = {}  # the peer's arenas: id -> mapping
 
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
@@ -108,11 +110,15 @@ class Conn:
             except IPCTimeoutError:
                 raise IPCTimeoutError(f"send_many: the peer's queue stayed full for {timeout} s ({i} of {len(payloads)} sent)") from None
 
-    def send_fd(self, kind: int, request_id: int, length: int, fd: int, timeout: Optional[float]) -> None:
-        """Send a header whose payload is the sealed memfd ``fd`` (flag PAYLOAD_FD)."""
-        header = pack_header(kind, request_id, length, Flag.PAYLOAD_FD)
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-        self._sendmsg([header], rights, timeout)
+    def send_fd(
+        self, kind: int, request_id: int, length: int, fd: int, timeout: Optional[float],
+        flags: int = Flag.PAYLOAD_FD, body: bytes = b"",
+    ) -> None:
+        """Send a header for an out-of-band payload of ``length`` bytes, with ``body``
+        and, when ``fd`` >= 0, the fd attached (a sealed memfd, or a new arena)."""
+        header = pack_header(kind, request_id, length, flags)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
+        self._sendmsg([header, body], rights, timeout)
 
     def _sendmsg(self, buffers: list, ancdata: list, timeout: Optional[float]) -> None:
         deadline = deadline_of(timeout)
@@ -192,13 +198,8 @@ class Conn:
         payload = data[HEADER_SIZE:]
         if header is not None:
             kind, flags, request_id = header.kind, header.flags, header.request_id
-        if status == Drop.OK and fds:
-            if flags & Flag.PAYLOAD_FD and len(fds) == 1:
-                status, payload = map_sealed(fds.pop(), header.length, self.max_payload)
-            else:
-                status = Drop.UNEXPECTED_FDS
-        elif status == Drop.OK and flags & Flag.PAYLOAD_FD:
-            status = Drop.BAD_PAYLOAD_FD  # the flag promised an fd that did not come
+        if status == Drop.OK:
+            status, payload = self._take_payload(header, data, fds, payload)
         for fd in fds:  # every fd we did not take is closed
             os.close(fd)
         if status != Drop.OK:
@@ -213,6 +214,30 @@ class Conn:
             else:
                 self._last = ident
         return (status, self, kind, flags, request_id, payload, pid, uid, gid, pidfd)
+
+    def _take_payload(self, header, data: bytes, fds: list[int], inline: bytes) -> tuple[int, object]:
+        """The payload of a valid packet: inline, a sealed memfd, or an arena region.
+
+        Takes the fd it uses out of ``fds``; the caller closes the rest.
+        """
+        flags = header.flags
+        fd = -1
+        if fds:
+            if not (flags & Flag.PAYLOAD_FD and len(fds) == 1):
+                return Drop.UNEXPECTED_FDS, b""
+            fd = fds.pop()
+        elif flags & Flag.PAYLOAD_FD:
+            return Drop.BAD_PAYLOAD_FD, b""  # the flag promised an fd that did not come
+        if flags & Flag.ARENA:
+            status, mapping, start, position = arena.locate(self.arenas, data[HEADER_SIZE:], header.length, fd, self.max_payload)
+            if status != Drop.OK:
+                return status, b""
+            payload = mapping[start : start + header.length]  # the copy-out
+            arena.release(mapping, position)
+            return Drop.OK, memoryview(payload)
+        if fd >= 0:
+            return map_sealed(fd, header.length, self.max_payload)
+        return Drop.OK, inline
 
     def shutdown(self) -> None:
         """Tell the peer we are gone (EOF on its side); the fd stays open until released."""

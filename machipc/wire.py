@@ -50,9 +50,15 @@ class Flag(enum.IntFlag):
     #: The payload is in a sealed memfd attached with SCM_RIGHTS; the packet is
     #: the header alone and ``length`` is the memfd's size.
     PAYLOAD_FD = 1
+    #: The payload is in the sender's arena (see machipc/arena.py); the packet
+    #: body is an arena reference (24 bytes). With PAYLOAD_FD too, the attached
+    #: fd is a new arena.
+    ARENA = 2
 
 
-KNOWN_FLAGS = int(Flag.PAYLOAD_FD)
+KNOWN_FLAGS = int(Flag.PAYLOAD_FD | Flag.ARENA)
+#: Size of the body of an ARENA packet (arena.REF).
+ARENA_REF_SIZE = 24
 
 
 class ErrorCode(enum.IntEnum):
@@ -83,6 +89,7 @@ class Drop(enum.IntEnum):
     BAD_REQUEST_ID = 12  # one-way with an id, or request without one
     BAD_PAYLOAD_FD = 13  # PAYLOAD_FD without exactly one sealed memfd of the right size
     OVERSIZE = 14  # payload over the receiver's limit
+    BAD_ARENA = 15  # unknown arena, region outside it, or an arena fd that fails the checks
 
 
 DROP_TEXT = {
@@ -99,6 +106,7 @@ DROP_TEXT = {
     Drop.BAD_REQUEST_ID: "request id does not fit the packet kind",
     Drop.BAD_PAYLOAD_FD: "payload fd missing, not a memfd, not fully sealed, or of the wrong size",
     Drop.OVERSIZE: "payload over the size limit",
+    Drop.BAD_ARENA: "arena reference or arena fd failed the checks",
 }
 
 
@@ -133,7 +141,10 @@ def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[
         return Drop.BAD_KIND, header
     if flags & ~KNOWN_FLAGS:
         return Drop.BAD_FLAGS, header
-    if flags & Flag.PAYLOAD_FD:
+    if flags & Flag.ARENA:
+        if len(packet) != HEADER_SIZE + ARENA_REF_SIZE or length == 0:
+            return Drop.BAD_LENGTH, header
+    elif flags & Flag.PAYLOAD_FD:
         if len(packet) != HEADER_SIZE or length == 0:
             return Drop.BAD_LENGTH, header
     elif length != len(packet) - HEADER_SIZE:

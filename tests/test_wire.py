@@ -34,7 +34,8 @@ def test_header_is_24_bytes_little_endian():
         (packet(version=2), Drop.BAD_VERSION),
         (packet(kind=Kind.REPLY), Drop.BAD_KIND),
         (packet(kind=9), Drop.BAD_KIND),
-        (packet(flags=2), Drop.BAD_FLAGS),
+        (packet(flags=4), Drop.BAD_FLAGS),
+        (packet(flags=2), Drop.BAD_LENGTH),  # ARENA: the body must be the 24-byte reference
         (packet(flags=1), Drop.BAD_LENGTH),  # PAYLOAD_FD: the packet must be the header alone
         (packet(flags=1, payload=b"", length=10), Drop.OK),
         (packet(flags=1, payload=b"", length=0), Drop.BAD_LENGTH),
@@ -82,7 +83,7 @@ def _classify(impl: str, data: bytes):
 @given(
     kind=st.integers(0, 255),
     rid=st.sampled_from([0, 1, 2**64 - 1]),
-    flags=st.sampled_from([0, 1, 2, 2**31]),
+    flags=st.sampled_from([0, 1, 2, 3, 4, 2**31]),
     payload=st.sampled_from([b""]) | st.binary(max_size=64),
     delta=st.sampled_from([0, 0, 0, 1, -1, 2**40]),
     version=st.sampled_from([1, 1, 0, 2]),
@@ -96,6 +97,8 @@ def test_both_transports_classify_packets_alike(kind, rid, flags, payload, delta
     expected_status, header = check_header(data, wire.SERVER_ACCEPTS)
     if expected_status == Drop.OK and flags & wire.Flag.PAYLOAD_FD:
         expected_status = Drop.BAD_PAYLOAD_FD  # no fd came with it
+    elif expected_status == Drop.OK and flags & wire.Flag.ARENA:
+        expected_status = Drop.BAD_ARENA  # no such arena on this connection
     for impl in ["py"] + (["c"] if _backend._compiled is not None else []):
         status, fields, body = _classify(impl, data)
         assert status == expected_status, impl

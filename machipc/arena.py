@@ -1,0 +1,197 @@
+"""Arenas: a reused shared buffer per connection for large payloads (the fast path).
+
+A sealed memfd per message is safe but pays for fresh pages on every message.
+An arena is one memfd per sending connection, allocated and pre-faulted once
+and reused as a ring:
+
+* the sender copies the payload into the ring (pages already resident) and
+  sends a small packet naming the region (flag ``ARENA``; the first packet of
+  an arena also carries its fd, flag ``PAYLOAD_FD``);
+* the receiver checks the region, **copies it out** into private memory of its
+  own, then writes the region's end position into the arena's control block so
+  the sender may reuse it.
+
+The copy-out keeps the guarantee the sealed path gives: the handler's bytes
+live in memory the sender cannot touch, whatever the sender does to the arena
+afterwards (it can only garble its own message, and only before the copy).
+The arena is sealed against shrinking and growing, so the receiver's mapping
+can never fault (SIGBUS).
+
+Layout: bytes [0, 8) hold the release position (u64, little-endian, written by
+the receiver); the ring starts at ``CONTROL``. Positions grow monotonically; a
+region never wraps (the sender skips to the ring's start instead).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import mmap
+import os
+import stat
+import struct
+import threading
+import time
+from typing import Optional
+
+from .errors import IPCTimeoutError
+from .wire import Drop
+
+__all__ = ["Arena", "CONTROL", "REF", "ARENA_SEALS", "MAX_ARENAS", "map_arena", "locate"]
+
+CONTROL = 4096
+#: The packet body of an ARENA packet: arena id, reserved, offset in the ring, release position.
+REF = struct.Struct("<IIQQ")
+RELEASE = struct.Struct("<Q")
+ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: Arenas a receiver keeps per connection; more is a misbehaving peer.
+MAX_ARENAS = 4
+#: Smallest arena made (bytes of ring); a bigger payload gets twice its size.
+MIN_CAPACITY = 8 * 1024 * 1024
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_ids = itertools.count(1)
+
+
+class Arena:
+    """The sender's side: a ring of ``capacity`` bytes shared with one receiver."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.id = next(_ids) & 0xFFFFFFFF
+        self.fd = os.memfd_create("machipc-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, CONTROL + capacity)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
+            self._map = mmap.mmap(self.fd, CONTROL + capacity, flags=mmap.MAP_SHARED | _POPULATE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._map)
+        self.announced = False  # has the receiver got the fd yet?
+        self.head = 0  # end position of the last region handed out
+        self.lock = threading.Lock()  # one large send at a time: regions are released in order
+
+    def released(self) -> int:
+        return RELEASE.unpack_from(self._map, 0)[0]
+
+    def reserve(self, size: int, deadline: Optional[float]) -> tuple[int, int]:
+        """``(offset, end position)`` of a free region of ``size`` bytes; waits for the receiver."""
+        start = self.head
+        offset = start % self.capacity
+        if offset + size > self.capacity:  # no wrapping: skip to the ring's start
+            start += self.capacity - offset
+            offset = 0
+        end = start + size
+        pause = 20e-6
+        while end - self.released() > self.capacity:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise IPCTimeoutError("send: the receiver did not free arena space in time")
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+        self.head = end
+        return offset, end
+
+    def write(self, offset: int, data) -> None:
+        self.view[CONTROL + offset : CONTROL + offset + len(data)] = data
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+def map_arena(fd: int, limit: int) -> tuple[int, Optional[mmap.mmap]]:
+    """The receiver's side: check a new arena fd and map it. Always closes ``fd``."""
+    try:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            return Drop.BAD_ARENA, None
+        st = os.fstat(fd)
+        if (
+            seals & ARENA_SEALS != ARENA_SEALS
+            or not stat.S_ISREG(st.st_mode)
+            or not CONTROL < st.st_size <= CONTROL + max(2 * limit, MIN_CAPACITY)
+        ):
+            return Drop.BAD_ARENA, None
+        try:
+            return Drop.OK, mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
+        except OSError:
+            return Drop.BAD_ARENA, None
+    finally:
+        os.close(fd)
+
+
+def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple[int, Optional[mmap.mmap], int, int]:
+    """Resolve an ARENA packet: ``(status, mapping, start, release position)``.
+
+    ``fd`` (or -1) is a new arena announced by this packet; it is checked,
+    mapped and remembered in ``arenas`` (id -> mapping), and always closed.
+    A valid arena is kept even when this packet's payload is refused, since
+    the sender will name it again.
+    The region ``[start, start + length)`` of the mapping is inside the ring.
+    """
+    arena_id, _reserved, offset, release = REF.unpack_from(body)
+    if fd >= 0:
+        if arena_id in arenas or len(arenas) >= MAX_ARENAS:
+            os.close(fd)
+            return Drop.BAD_ARENA, None, 0, 0
+        status, mapping = map_arena(fd, limit)
+        if status != Drop.OK:
+            return status, None, 0, 0
+        arenas[arena_id] = mapping
+    mapping = arenas.get(arena_id)
+    if mapping is None:
+        return Drop.BAD_ARENA, None, 0, 0
+    if length > limit:
+        return Drop.OVERSIZE, None, 0, 0
+    if offset + length > len(mapping) - CONTROL:
+        return Drop.BAD_ARENA, None, 0, 0
+    return Drop.OK, mapping, CONTROL + offset, release
+
+
+def release(mapping: mmap.mmap, position: int) -> None:
+    """Tell the sender everything up to ``position`` has been copied out."""
+    RELEASE.pack_into(mapping, 0, position & 0xFFFFFFFFFFFFFFFF)
+
+
+class ArenaSender:
+    """A connection's sending side: its current arena, made on first use, replaced
+    by a larger one when a payload outgrows it (the receiver keeps at most
+    ``MAX_ARENAS``, so at most that many are ever made per connection)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.arena: Optional[Arena] = None
+        self.made = 0
+        self.lock = threading.Lock()  # one large send at a time: regions are released in order
+
+    def usable(self, size: int) -> bool:
+        """False when the sealed-memfd path must carry this payload instead."""
+        return self.made < MAX_ARENAS or (self.arena is not None and size <= self.arena.capacity)
+
+    def send(self, conn, kind: int, request_id: int, data, size: int, timeout: Optional[float]) -> None:
+        from .unix import deadline_of, remaining
+        from .wire import Flag
+
+        deadline = deadline_of(timeout)
+        with self.lock:
+            arena = self.arena
+            if arena is None or arena.capacity < size:
+                arena = Arena(min(max(MIN_CAPACITY, 2 * size), 2 * self.limit))
+                if self.arena is not None:
+                    self.arena.close()  # the receiver keeps its own mapping until the connection ends
+                self.arena = arena
+                self.made += 1
+            offset, end = arena.reserve(size, deadline)
+            arena.write(offset, data)
+            body = REF.pack(arena.id, 0, offset, end)
+            flags = Flag.ARENA | (0 if arena.announced else Flag.PAYLOAD_FD)
+            conn.send_fd(kind, request_id, size, -1 if arena.announced else arena.fd, remaining(deadline), flags, body)
+            arena.announced = True
+
+    def close(self) -> None:
+        with self.lock:
+            if self.arena is not None:
+                self.arena.close()
+                self.arena = None
