@@ -106,6 +106,22 @@ cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_
     _put64(h + 16, length)
 
 
+cdef int _send_failed(int err, double deadline, object timeout, str what) except -1:
+    """After a failed send: 0 to try again (EINTR, or a full queue with time left), else raise."""
+    if err == EINTR:
+        PyErr_CheckSignals()
+        return 0
+    if err == EAGAIN:
+        if _ms_left(deadline) == 0:
+            raise IPCTimeoutError(f"{what}: the peer's queue stayed full for {timeout} s")
+        return 0
+    if err == EPIPE or err == ECONNRESET:
+        raise PeerGone(f"{what}: the peer closed the connection")
+    if err == EMSGSIZE:
+        raise MessageTooLarge(f"{what}: too large for one packet")
+    raise error_from_errno(err, what)
+
+
 cdef struct Packet:
     ssize_t size       # bytes received
     int status         # DROP_*
@@ -440,17 +456,8 @@ cdef class Conn:
                     PyBuffer_Release(&views[i])
             if sent > 0:
                 done += sent
-                continue
-            if err == EINTR:
-                PyErr_CheckSignals()
-                continue
-            if err == EAGAIN:
-                if _ms_left(deadline) == 0:
-                    raise IPCTimeoutError(f"send_many: the peer's queue stayed full for {timeout} s ({done} of {n} sent)")
-                continue
-            if err == EPIPE or err == ECONNRESET:
-                raise PeerGone(f"send_many: the peer closed the connection ({done} of {n} sent)")
-            raise error_from_errno(err, "sendmmsg")
+            else:
+                _send_failed(err, deadline, timeout, f"send_many ({done} of {n} sent)")
 
     def send_fd(self, int kind, unsigned long long request_id, unsigned long long length, int fd, timeout,
                 unsigned int flags=FLAG_PAYLOAD_FD, bytes body=b""):
@@ -500,18 +507,7 @@ cdef class Conn:
                         poll(&pfd, 1, rc)
             if err == 0:
                 return
-            if err == EINTR:
-                PyErr_CheckSignals()
-                continue
-            if err == EAGAIN:
-                if _ms_left(deadline) == 0:
-                    raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
-                continue
-            if err == EPIPE or err == ECONNRESET:
-                raise PeerGone("send: the peer closed the connection")
-            if err == EMSGSIZE:
-                raise MessageTooLarge(f"send: a {size}-byte payload is too large for one packet")
-            raise error_from_errno(err, "send")
+            _send_failed(err, deadline, timeout, f"send of {size} bytes")
 
     cdef object _result(self, Packet *pk, const uint8_t *buf):
         cdef struct_stat st

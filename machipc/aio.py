@@ -538,25 +538,17 @@ class Client:
                 fut.set_exception(type(error)(*error.args))
 
     def _deliver(self, got: tuple) -> None:
-        status, _conn, kind, _flags, rid, payload = got[:6]
-        if status == Drop.CLOSED:
-            self._gone(PeerGone(f"server {self.name!r} closed the connection"))
+        rid, result, error = _client.decode_reply(self.name, got)
+        if rid < 0:
+            self._gone(error)
             return
         fut = self._pending.get(rid)
-        if status != Drop.OK:
-            text = DROP_TEXT.get(Drop(status), Drop(status).name)
-            log.warning("malformed reply from %r: %s", self.name, text)
-            if fut is not None and not fut.done():
-                fut.set_exception(ProtocolError(f"malformed reply from the server: {text}"))
-            return
         if fut is None or fut.done():
             log.debug("late reply %d discarded (its request timed out or was cancelled)", rid)
-            return
-        if kind == Kind.REPLY:
-            fut.set_result(payload)
+        elif error is not None:
+            fut.set_exception(error)
         else:
-            code, text = unpack_error(payload)
-            fut.set_exception(_client._ERRORS.get(code, RemoteError)(text))
+            fut.set_result(result)
 
     def _timeout(self, timeout) -> Optional[float]:
         return self.timeout if timeout is _DEFAULT else timeout

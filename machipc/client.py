@@ -69,6 +69,24 @@ _ERRORS = {
 }
 
 
+def decode_reply(name: str, got: tuple) -> tuple[int, Optional[bytes], Optional[IPCError]]:
+    """``(request_id, payload, error)`` of a packet a client received from ``name``.
+
+    ``request_id`` is -1 when the packet is the connection's end (``error`` says so).
+    """
+    status, _conn, kind, _flags, rid, payload = got[:6]
+    if status == Drop.CLOSED:
+        return -1, None, PeerGone(f"server {name!r} closed the connection")
+    if status != Drop.OK:
+        text = DROP_TEXT.get(Drop(status), Drop(status).name)
+        log.warning("malformed reply from %r: %s", name, text)
+        return rid, None, ProtocolError(f"malformed reply from the server: {text}")
+    if kind == Kind.REPLY:
+        return rid, payload, None
+    code, text = unpack_error(payload)
+    return rid, None, _ERRORS.get(code, RemoteError)(text)
+
+
 class Client:
     """A connection to the server of service ``name``.
 
@@ -259,27 +277,17 @@ class Client:
                 pending.event.set()
 
     def _deliver(self, got: tuple) -> None:
-        status, _conn, kind, _flags, rid, payload = got[:6]
-        if status == Drop.CLOSED:
-            self._dead = PeerGone(f"server {self.name!r} closed the connection")
+        rid, result, error = decode_reply(self.name, got)
+        if rid < 0:  # the connection ended: every waiting request fails
+            self._dead = error
             for pending in list(self._pending.values()):
-                pending.finish(None, PeerGone(f"server {self.name!r} closed the connection"))
+                pending.finish(None, PeerGone(*error.args))
             return
         slot = self._pending.get(rid)
-        if status != Drop.OK:
-            text = DROP_TEXT.get(Drop(status), Drop(status).name)
-            log.warning("malformed reply from %r: %s", self.name, text)
-            if slot is not None:
-                slot.finish(None, ProtocolError(f"malformed reply from the server: {text}"))
-            return
         if slot is None:
             log.debug("late reply %d discarded (its request timed out)", rid)
             return
-        if kind == Kind.REPLY:
-            slot.finish(payload)
-        else:
-            code, text = unpack_error(payload)
-            slot.finish(None, _ERRORS.get(code, RemoteError)(text))
+        slot.finish(result, error)
 
     def close(self) -> None:
         """Disconnect (idempotent). Requests still waiting get PeerGone."""

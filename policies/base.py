@@ -143,14 +143,21 @@ class AllowAll(Policy):
         return "AllowAll()"
 
 
-class AllOf(Policy):
-    """Allow only if every policy allows; the first denial is the reason."""
+class _Combination(Policy):
+    """Shared parts of AllOf and AnyOf: the policies, and whether any looks at the executable."""
 
     def __init__(self, *policies: PolicyLike) -> None:
         if not policies:
-            raise ValueError("AllOf needs at least one policy")
+            raise ValueError(f"{type(self).__name__} needs at least one policy")
         self.policies = tuple(as_policy(p) for p in policies)
         self.uses_exe = any(is_exe_based(p) for p in self.policies)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self.policies!r}"
+
+
+class AllOf(_Combination):
+    """Allow only if every policy allows; the first denial is the reason."""
 
     def check(self, peer: "Peer") -> Decision:
         reasons = []
@@ -161,18 +168,9 @@ class AllOf(Policy):
             reasons.append(d.reason)
         return Decision.allow(" and ".join(reasons))
 
-    def __repr__(self) -> str:
-        return f"AllOf{self.policies!r}"
 
-
-class AnyOf(Policy):
+class AnyOf(_Combination):
     """Allow if any policy allows; a denial lists every reason."""
-
-    def __init__(self, *policies: PolicyLike) -> None:
-        if not policies:
-            raise ValueError("AnyOf needs at least one policy")
-        self.policies = tuple(as_policy(p) for p in policies)
-        self.uses_exe = any(is_exe_based(p) for p in self.policies)
 
     def check(self, peer: "Peer") -> Decision:
         reasons = []
@@ -182,9 +180,6 @@ class AnyOf(Policy):
                 return d
             reasons.append(d.reason)
         return Decision.deny("; ".join(reasons))
-
-    def __repr__(self) -> str:
-        return f"AnyOf{self.policies!r}"
 
 
 class Not(Policy):
