@@ -73,20 +73,15 @@ _DEFAULT: Any = object()
 BATCH = 64
 
 
-def reader_fd(transport) -> int:
-    """The fd to watch for a server transport (the backend hook).
+def reader_fd(source) -> int:
+    """The fd to watch for a transport or a client connection (the backend hook).
 
-    Linux: the epoll fd of the transport. A backend without ``fileno()`` (the
-    Mach transport until its kqueue/EVFILT_MACHPORT fd lands) cannot be used
-    from asyncio yet.
+    ``fileno()`` when it has one: the epoll fd of a Linux server transport, a
+    kqueue with EVFILT_MACHPORT for the Mach transport and connections (macOS);
+    otherwise a Linux connection's socket ``fd``.
     """
-    fileno = getattr(transport, "fileno", None)
-    if fileno is None:
-        raise NotImplementedError(
-            f"the {type(transport).__module__} transport has no pollable fd (fileno()); "
-            "asyncio needs one (macOS: a kqueue with EVFILT_MACHPORT)"
-        )
-    return fileno()
+    fileno = getattr(source, "fileno", None)
+    return fileno() if fileno is not None else source.fd
 
 
 # -- non-blocking send -------------------------------------------------------
@@ -141,7 +136,11 @@ async def _send(conn, kind: int, request_id: int, data, timeout: Optional[float]
             left = remaining(deadline)
             if left == 0.0:
                 raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
-            await _writable(conn.fd, left)
+            sock_fd = getattr(conn, "fd", None)
+            if sock_fd is None:  # Mach: no fd turns writable when a full queue drains; poll gently
+                await asyncio.sleep(min(left, 0.001) if left is not None else 0.001)
+            else:
+                await _writable(sock_fd, left)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -501,14 +500,14 @@ class Client:
         elif self._loop is not loop:
             raise RuntimeError("this machipc.aio.Client is used from another event loop")
         if not self._reading and self._dead is None:
-            loop.add_reader(self._conn.fd, self._on_readable)
+            loop.add_reader(reader_fd(self._conn), self._on_readable)
             self._reading = True
         return loop
 
     def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
-            self._loop.remove_reader(self._conn.fd)
+            self._loop.remove_reader(reader_fd(self._conn))
 
     def _check(self, data) -> None:
         if self._dead is not None:

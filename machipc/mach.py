@@ -324,6 +324,10 @@ class Conn:
         return (status, self, kind, flags, request_id, payload, pid, uid, gid,
                 peer_of(audit) if status == Drop.OK else None)
 
+    def recv_nowait(self) -> Optional[tuple]:
+        """One reply if one is queued, else None (for asyncio readers)."""
+        return self.recv(0)
+
     def fileno(self) -> int:
         """A kqueue fd (EVFILT_MACHPORT) readable while a reply waits: for ``loop.add_reader``."""
         if self._kq is None:
