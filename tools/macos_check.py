@@ -175,7 +175,7 @@ def probe_static_assert(out: Path, src: Path, target: str) -> None:
     """The compiler must reject a false _Static_assert next to the real header."""
     probe = out / "static_assert_probe.c"
     probe.write_text('#include "_mach_layout.h"\n_Static_assert(sizeof(mach_msg_header_t) == 25, "probe");\n')
-    r = run(zig_cc(target, "-fsyntax-only", "-I", str(src), str(probe)))
+    r = run(zig_cc(target, "-fsyntax-only", "-I", str(src), "-o", str(out / "static_assert_probe.o"), str(probe)))
     if r.returncode == 0 or "probe" not in r.stderr:
         raise GateError("a false _Static_assert compiled: the layout assertions prove nothing")
 
