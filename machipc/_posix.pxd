@@ -36,6 +36,8 @@ cdef extern from "<sys/socket.h>" nogil:
 
     enum:
         SOL_SOCKET
+        SO_PASSCRED
+        SO_PEERCRED
         SCM_RIGHTS
         SCM_CREDENTIALS
         MSG_DONTWAIT
@@ -61,6 +63,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int accept4(int fd, void *addr, socklen_t *addrlen, int flags)
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t length)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *length)
     int shutdown(int fd, int how)
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -102,3 +106,15 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_NONBLOCK
         EFD_CLOEXEC
     int eventfd(unsigned int initval, int flags)
+
+cdef extern from "<sys/syscall.h>" nogil:
+    enum:
+        SYS_pidfd_send_signal
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        F_DUPFD_CLOEXEC
+    int fcntl(int fd, int cmd, ...)

@@ -11,7 +11,7 @@ from collections import deque
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMSGSIZE, EPIPE, errno
+from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMSGSIZE, EPERM, EPIPE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -355,6 +355,11 @@ cdef class Conn:
     cdef int last_pid
     cdef unsigned int last_uid, last_gid
     cdef unsigned long long last_ino
+    # The process that connected, pinned at accept (SO_PEERPIDFD); see _identify().
+    cdef int peer_pid
+    cdef int peer_pidfd
+    cdef unsigned long long peer_ino
+    cdef bint pidfd_per_packet  # SO_PASSPIDFD is on: packets carry their own pidfd
     cdef public unsigned long long max_payload  # largest memfd payload mapped
     cdef public dict arenas  # the peer's arenas: id -> mapping
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
@@ -365,6 +370,7 @@ cdef class Conn:
         _next_id += 1
         self.id = _next_id
         self.fd = -1
+        self.peer_pidfd = -1
         self.server_side = server_side
         self.pidfs = pidfs
         self.max_payload = MAX_PAYLOAD
@@ -382,6 +388,8 @@ cdef class Conn:
             raise MemoryError()
 
     def __dealloc__(self):
+        if self.peer_pidfd >= 0:
+            close(self.peer_pidfd)
         if self.fd >= 0:
             close(self.fd)
         free(self.buf)
@@ -532,19 +540,72 @@ cdef class Conn:
                     pk.pidfd = -1
         elif pk.status == DROP_OK:
             payload = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
-        if pk.status == DROP_OK:
-            if pk.pidfd >= 0 and self.pidfs and fstat(pk.pidfd, &st) == 0:
-                if (self.has_last and self.last_pid == pk.pid and self.last_uid == pk.uid
-                        and self.last_gid == pk.gid and self.last_ino == st.st_ino):
-                    close(pk.pidfd)
-                    pk.pidfd = SAME_PEER
-                else:
-                    self.has_last = True
-                    self.last_pid = pk.pid
-                    self.last_uid = pk.uid
-                    self.last_gid = pk.gid
-                    self.last_ino = st.st_ino
+        if pk.status == DROP_OK and self.server_side:
+            self._identify(pk)
         return (pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
+
+    cdef void _identify(self, Packet *pk) noexcept:
+        """Turn the packet's identity into a pidfd for the caller (see unix.Conn._identify).
+
+        A packet from the process that connected, while that process is still
+        alive (or a zombie: its pid cannot have been reused), is pinned by the
+        pidfd taken at accept; one syscall instead of a pidfd per packet. A
+        packet from any other pid switches the connection to per-packet pidfds.
+        """
+        cdef struct_stat st
+        cdef unsigned long long ino
+        cdef bint pinned = False
+        if pk.pidfd >= 0:
+            if not self.pidfs or fstat(pk.pidfd, &st) != 0:
+                return
+            ino = st.st_ino
+        elif self.peer_pidfd >= 0 and pk.pid == self.peer_pid:
+            if syscall(SYS_pidfd_send_signal, self.peer_pidfd, 0, NULL, 0) != 0 and errno != EPERM:
+                self.has_last = False  # the process that connected is gone: nothing pins this packet
+                return
+            pinned = True
+            ino = self.peer_ino
+        else:
+            if not self.pidfd_per_packet and self.peer_pidfd >= 0:
+                self._pidfd_per_packet()
+            return
+        if (self.pidfs and self.has_last and self.last_pid == pk.pid and self.last_uid == pk.uid
+                and self.last_gid == pk.gid and self.last_ino == ino):
+            if pk.pidfd >= 0:
+                close(pk.pidfd)
+            pk.pidfd = SAME_PEER
+            return
+        if pinned:
+            pk.pidfd = fcntl(self.peer_pidfd, F_DUPFD_CLOEXEC, 0)
+            if pk.pidfd < 0:
+                self.has_last = False
+                return
+        self.has_last = True
+        self.last_pid = pk.pid
+        self.last_uid = pk.uid
+        self.last_gid = pk.gid
+        self.last_ino = ino
+
+    cdef void _pidfd_per_packet(self) noexcept:
+        cdef int one = 1
+        self.pidfd_per_packet = True
+        setsockopt(self.fd, SOL_SOCKET, SO_PASSPIDFD, &one, sizeof(one))
+
+    cdef void _pin_peer(self) noexcept:
+        """At accept: pin the connecting process (SO_PEERCRED + SO_PEERPIDFD)."""
+        cdef ucred cred
+        cdef int pidfd = -1
+        cdef socklen_t n = sizeof(cred)
+        cdef socklen_t m = sizeof(pidfd)
+        cdef struct_stat st
+        if (getsockopt(self.fd, SOL_SOCKET, SO_PEERCRED, &cred, &n) == 0
+                and getsockopt(self.fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &m) == 0 and pidfd >= 0):
+            self.peer_pid = cred.pid
+            self.peer_pidfd = pidfd
+            if fstat(pidfd, &st) == 0:
+                self.peer_ino = st.st_ino
+        else:
+            self._pidfd_per_packet()  # no pin (old kernel, or the peer already left)
 
     cdef object _copy_out(self, Packet *pk, const uint8_t *buf):
         """An ARENA payload: checked by arena.locate, copied into receiver-owned memory."""
@@ -626,16 +687,10 @@ cdef class Conn:
             close(fd)
 
 
-cdef extern from "<sys/socket.h>" nogil:
-    int setsockopt(int fd, int level, int name, const void *val, socklen_t length)
-    enum:
-        SO_PASSCRED
-
-
 cdef class ServerTransport:
     """Accepts connections and returns the next packet from any of them."""
 
-    #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED/SO_PASSPIDFD on
+    #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED on
     #: each accepted socket too (connections queued before the listener had them lack them).
     cdef public bint pass_on_accept
     #: Largest memfd payload accepted connections map (Server sets it from max_size).
@@ -759,9 +814,9 @@ cdef class ServerTransport:
                 return
             if self.pass_on_accept:
                 setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one))
-                setsockopt(fd, SOL_SOCKET, 76, &one, sizeof(one))  # SO_PASSPIDFD
             conn = Conn.__new__(Conn, None, True, self.pidfs)
             conn.fd = fd
+            conn._pin_peer()
             conn.max_payload = self.max_payload
             self.conns[fd] = conn
             ev.events = EPOLLIN

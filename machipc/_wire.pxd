@@ -35,5 +35,6 @@ cdef enum:
     DROP_BAD_ARENA = 15
 
     SO_PASSPIDFD = 76
+    SO_PEERPIDFD = 77
     SCM_PIDFD = 4
     SAME_PEER = -2

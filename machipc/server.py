@@ -154,15 +154,23 @@ class Server:
 
     @staticmethod
     def _pass_credentials(sock: socket.socket) -> str:
-        """Turn on SO_PASSCRED and SO_PASSPIDFD; returns the pid-reuse guard in use."""
+        """Turn on SO_PASSCRED; returns the pid-reuse guard in use.
+
+        Senders are pinned by the pidfd of the connecting process, taken at
+        accept (SO_PEERPIDFD) and checked alive after each packet, and by a
+        per-packet SCM_PIDFD on connections where another process sends
+        (the transport turns SO_PASSPIDFD on for those). Both need Linux 6.5;
+        the probe below finds out, leaving SO_PASSPIDFD off on the listener.
+        """
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
-            return "SCM_PIDFD"
+            sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 0)
+            return "SO_PEERPIDFD"
         except OSError as exc:
             if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
                 raise
-            log.info("kernel lacks SO_PASSPIDFD; senders are pinned with pidfd_open(pid)")
+            log.info("kernel lacks pidfd socket options; senders are pinned with pidfd_open(pid)")
             return "pidfd_open"  # kernel < 6.5: pin by pid right after receipt
 
     def _adopt(self, sock: socket.socket) -> str:

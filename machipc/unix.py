@@ -1,9 +1,20 @@
 """Linux transport, pure-Python implementation (the twin of ``_unix.pyx``).
 
 AF_UNIX ``SOCK_SEQPACKET``: one packet is one machipc message. The server
-socket has ``SO_PASSCRED`` and ``SO_PASSPIDFD`` set before ``listen()`` so every
-accepted connection inherits them and every packet arrives with the kernel's
-``SCM_CREDENTIALS`` and a pidfd of its sender.
+socket has ``SO_PASSCRED`` set before ``listen()`` so every accepted
+connection inherits it and every packet arrives with the kernel's
+``SCM_CREDENTIALS`` (pid, uid, gid at send time).
+
+Pinning the sender against pid reuse: at accept the transport takes a pidfd of
+the connecting process (``SO_PEERPIDFD``). A packet whose credentials carry
+that pid is from that process as long as the pidfd shows it alive (or a
+zombie) *after* the packet was dequeued: it was alive from connect() to now,
+so no other process could hold its pid when the packet was sent. That is one
+``pidfd_send_signal(fd, 0)`` per packet instead of a new pidfd. A packet from
+any other pid (the socket was passed on, or inherited by a child) turns on
+``SO_PASSPIDFD`` for that connection, so later packets carry their own
+``SCM_PIDFD``; the packet itself stays unpinned (pidfd -1), and so does one
+that arrives after the pinned process died.
 
 Both implementations expose the same classes and return the same tuples:
 
@@ -21,8 +32,10 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import itertools
 import os
+import signal
 import select
 import socket
 import struct
@@ -50,6 +63,7 @@ __all__ = ["Conn", "ServerTransport", "SO_PASSPIDFD", "SCM_PIDFD", "IMPLEMENTATI
 IMPLEMENTATION = "py"
 
 SO_PASSPIDFD = 76
+SO_PEERPIDFD = 77
 SCM_PIDFD = 4
 SAME_PEER = -2
 _UCRED = struct.Struct("=iII")
@@ -94,6 +108,11 @@ class Conn:
         #: Largest memfd payload this side maps (bigger ones are dropped as OVERSIZE).
         self.max_payload = MAX_PAYLOAD
         self.arenas: dict = {}  # the peer's arenas: id -> mapping
+        # The process that connected, pinned at accept (see the module doc).
+        self._peer_pid = 0
+        self._peer_pidfd = -1
+        self._peer_ino = 0
+        self._pidfd_per_packet_on = False
 
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
@@ -206,14 +225,64 @@ class Conn:
             if pidfd >= 0:
                 os.close(pidfd)
             return (status, self, kind, flags, request_id, b"", pid, uid, gid, -1)
-        if pidfd >= 0 and self._pidfs:
-            ident = (pid, uid, gid, os.fstat(pidfd).st_ino)
-            if ident == self._last:
-                os.close(pidfd)
-                pidfd = SAME_PEER
-            else:
-                self._last = ident
+        if self._server_side:
+            pidfd = self._identify(pid, uid, gid, pidfd)
         return (status, self, kind, flags, request_id, payload, pid, uid, gid, pidfd)
+
+    def _identify(self, pid: int, uid: int, gid: int, pidfd: int) -> int:
+        """The pidfd for a valid packet (or -1, or SAME_PEER); see the module doc."""
+        if pidfd >= 0:
+            if not self._pidfs:
+                return pidfd
+            ino = os.fstat(pidfd).st_ino
+        elif self._peer_pidfd >= 0 and pid == self._peer_pid:
+            try:
+                signal.pidfd_send_signal(self._peer_pidfd, 0)
+            except PermissionError:
+                pass  # alive, just not ours to signal
+            except OSError:
+                self._last = None  # the process that connected is gone: nothing pins this packet
+                return -1
+            ino = self._peer_ino
+        else:
+            if not self._pidfd_per_packet_on and self._peer_pidfd >= 0:
+                self._pidfd_per_packet()
+            return -1
+        ident = (pid, uid, gid, ino)
+        if self._pidfs and ident == self._last:
+            if pidfd >= 0:
+                os.close(pidfd)
+            return SAME_PEER
+        if pidfd < 0:
+            try:
+                pidfd = fcntl.fcntl(self._peer_pidfd, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError:
+                self._last = None
+                return -1
+        self._last = ident
+        return pidfd
+
+    def _pidfd_per_packet(self) -> None:
+        self._pidfd_per_packet_on = True
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
+        except OSError:
+            pass
+
+    def _pin_peer(self) -> None:
+        """At accept: pin the connecting process (SO_PEERCRED + SO_PEERPIDFD)."""
+        try:
+            pid, _uid, _gid = _UCRED.unpack(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            pidfd = self.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        except OSError:
+            self._pidfd_per_packet()  # no pin (old kernel, or the peer already left)
+            return
+        self._peer_pid, self._peer_pidfd, self._peer_ino = pid, pidfd, os.fstat(pidfd).st_ino
+
+    def __del__(self) -> None:
+        if self._peer_pidfd >= 0:
+            os.close(self._peer_pidfd)
+            self._peer_pidfd = -1
 
     def _take_payload(self, header, data: bytes, fds: list[int], inline: bytes) -> tuple[int, object]:
         """The payload of a valid packet: inline, a sealed memfd, or an arena region.
@@ -253,7 +322,7 @@ class Conn:
 class ServerTransport:
     """Accepts connections and returns the next packet from any of them."""
 
-    #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED/SO_PASSPIDFD on
+    #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED on
     #: each accepted socket too (connections queued before the listener had them lack them).
     pass_on_accept = False
 
@@ -337,11 +406,8 @@ class ServerTransport:
                 raise
             if self.pass_on_accept:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
-                except OSError:
-                    pass
             conn = Conn(sock, True, self._pidfs)
+            conn._pin_peer()
             conn.max_payload = self.max_payload
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, select.EPOLLIN)

@@ -67,7 +67,7 @@ def test_adopts_named_fd_unsets_environment(impl, sockdir):
         assert not any(k in os.environ for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
         assert cloexec(3) and cloexec(4)
         assert activation.listen_fds() == {3: "other"}  # still there for another server
-        assert srv.pidfd_guard in ("SCM_PIDFD", "pidfd_open")
+        assert srv.pidfd_guard in ("SO_PEERPIDFD", "pidfd_open")
         with machipc.Client("mine", directory=D, impl=IMPL) as c:
             c.send(b"hi")
         msg = srv.receive(timeout=5)
