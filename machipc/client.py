@@ -175,7 +175,7 @@ class Client:
     def _check(self, data: Buffer) -> None:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
-        size = payload.size_of(data)
+        size = len(data) if type(data) is bytes else payload.size_of(data)
         if size > self.max_size:
             raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
 

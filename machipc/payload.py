@@ -168,6 +168,9 @@ def prepare(data: Payload, limit: int) -> tuple[int, int]:
 def send(conn, kind: int, request_id: int, data: Payload, timeout: Optional[float], limit: int, arenas=None) -> None:
     """Send ``data`` on a transport connection: inline when small; otherwise through
     ``arenas`` (an ``arena.ArenaSender``) when given, else as a sealed memfd."""
+    if type(data) is bytes and len(data) <= INLINE_MAX:  # the common case, first
+        conn.send(kind, request_id, data, timeout)
+        return
     send_fd = getattr(conn, "send_fd", None)
     if send_fd is None:  # the Mach transport carries large payloads out of line itself
         conn.send(kind, request_id, data, timeout)
