@@ -616,7 +616,11 @@ cdef class Conn:
         status, mapping, start, position = arena_locate(self.arenas, body, pk.length, pk.fd, self.max_payload)
         if status != DROP_OK:
             return status, None
-        out = PrivateBuffer.__new__(PrivateBuffer, pk.length)
+        try:
+            out = PrivateBuffer.__new__(PrivateBuffer, pk.length)
+        except MemoryError:  # no memory for the copy now: refused like a payload over the limit
+            arena_release(mapping, position)  # and the sender may reuse the region
+            return DROP_OVERSIZE, None
         offset = start
         PyObject_GetBuffer(mapping, &src, PyBUF_SIMPLE)
         try:

@@ -131,7 +131,7 @@ def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple
     the sender will name it again.
     The region ``[start, start + length)`` of the mapping is inside the ring.
     """
-    arena_id, _reserved, offset, release = REF.unpack_from(body)
+    arena_id, _reserved, offset, position = REF.unpack_from(body)
     if fd >= 0:
         if arena_id in arenas or len(arenas) >= MAX_ARENAS:
             os.close(fd)
@@ -144,10 +144,11 @@ def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple
     if mapping is None:
         return Drop.BAD_ARENA, None, 0, 0
     if length > limit:
+        release(mapping, position)  # refused, but the sender may reuse the region
         return Drop.OVERSIZE, None, 0, 0
     if offset + length > len(mapping) - CONTROL:
         return Drop.BAD_ARENA, None, 0, 0
-    return Drop.OK, mapping, CONTROL + offset, release
+    return Drop.OK, mapping, CONTROL + offset, position
 
 
 def release(mapping: mmap.mmap, position: int) -> None:

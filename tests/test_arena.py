@@ -133,3 +133,13 @@ def test_too_many_arenas_on_one_connection(serve, client):
     assert codes == [Kind.REPLY] * arena.MAX_ARENAS + [Kind.ERROR]
     assert srv.stats.dropped["BAD_ARENA"] == 1
     raw.close()
+
+
+def test_refused_payloads_still_free_their_region(serve, client):
+    srv = serve(max_size=MiB)
+    cli = client()
+    for _ in range(10):  # 20 MiB through an 8 MiB ring, every one refused as too large
+        with pytest.raises(machipc.MessageTooLarge):
+            cli.request(b"x" * (2 * MiB), timeout=5)
+    assert srv.stats.too_large == 10
+    assert cli.request(b"ok", timeout=5) == b"echo:ok"
