@@ -117,4 +117,5 @@ cdef extern from "<unistd.h>" nogil:
 cdef extern from "<fcntl.h>" nogil:
     enum:
         F_DUPFD_CLOEXEC
+        F_GET_SEALS
     int fcntl(int fd, int cmd, ...)

@@ -11,7 +11,9 @@ from collections import deque
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMSGSIZE, EPERM, EPIPE, errno
+from libc.errno cimport (
+    EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMFILE, EMSGSIZE, ENFILE, ENOBUFS, ENOMEM, EPERM, EPIPE, errno,
+)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -24,6 +26,7 @@ from ._posix cimport *
 from ._wire cimport *
 
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
+from ._closer import close_later
 from .arena import locate as arena_locate, release as arena_release
 from .payload import MAX_PAYLOAD, map_sealed
 
@@ -45,9 +48,11 @@ CONSTANTS = {
 
 # Room for credentials, one pidfd and up to 253 unexpected fds (so they can be closed).
 DEF CMSG_BUF = 2048
+DEF MAX_RIGHTS = 256  # more fds than SCM_MAX_FD (253) fit in no control message
 DEF MAX_EVENTS = 64
 DEF CMSG_FD_SPACE = 64  # >= CMSG_SPACE(sizeof(int)) on every ABI
 DEF SEND_BATCH = 64     # packets per sendmmsg call
+DEF ACCEPT_PAUSE = 0.1  # seconds the listener is left alone after accept ran out of fds
 
 cdef unsigned long long _next_id = 0
 
@@ -134,6 +139,8 @@ cdef struct Packet:
     int pidfd
     int fd             # the one SCM_RIGHTS fd kept for a PAYLOAD_FD packet, else -1
     uint64_t length    # the header's payload length
+    int ndeferred      # received fds whose close() may block: for the closer thread
+    int deferred[MAX_RIGHTS]
 
 
 cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk) noexcept nogil:
@@ -170,6 +177,22 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
     return DROP_OK
 
 
+cdef inline void _close_received(Packet *pk, int fd) noexcept nogil:
+    """Close a peer's fd now if it is a shmem file (cannot block), else defer it (_closer)."""
+    if fcntl(fd, F_GET_SEALS) >= 0 or pk.ndeferred >= MAX_RIGHTS:
+        close(fd)
+    else:
+        pk.deferred[pk.ndeferred] = fd
+        pk.ndeferred += 1
+
+
+cdef inline void _hand_off_deferred(Packet *pk):
+    cdef int i
+    for i in range(pk.ndeferred):
+        close_later(pk.deferred[i])
+    pk.ndeferred = 0
+
+
 cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet *pk) noexcept nogil:
     """One non-blocking recvmsg. Returns 1 (packet or EOF in pk), 0 (nothing queued), -1 (errno)."""
     cdef iovec iov
@@ -201,9 +224,9 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
         if errno == EAGAIN:
             return 0
         if errno == ECONNRESET or errno == EPIPE:
-            n = 0
-            msg.msg_controllen = 0
-            break
+            # The peer left with our replies unread: the error is reported once, ahead
+            # of the packets it sent before leaving. Read on; EOF comes after them.
+            continue
         return -1
     pk.size = n
     pk.kind = 0
@@ -215,6 +238,7 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     pk.pidfd = -1
     pk.fd = -1
     pk.length = 0
+    pk.ndeferred = 0
     if n == 0 and msg.msg_controllen == 0:
         pk.status = DROP_CLOSED
         return 1
@@ -240,7 +264,7 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
                     if pk.fd < 0:
                         pk.fd = fds[i]
                     else:
-                        close(fds[i])
+                        _close_received(pk, fds[i])
         c = CMSG_NXTHDR(&msg, c)
     if pk.pidfd < -1:
         pk.pidfd = -1  # the kernel reports a failed pidfd as a negative errno
@@ -259,7 +283,7 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
             pk.status = DROP_BAD_PAYLOAD_FD  # the flag promised an fd that did not come
     if pk.status != DROP_OK:
         if pk.fd >= 0:
-            close(pk.fd)
+            _close_received(pk, pk.fd)
             pk.fd = -1
         if pk.pidfd >= 0:
             close(pk.pidfd)
@@ -518,8 +542,9 @@ cdef class Conn:
             _send_failed(err, deadline, timeout, f"send of {size} bytes")
 
     cdef object _result(self, Packet *pk, const uint8_t *buf):
-        cdef struct_stat st
         cdef object payload = b""
+        if pk.ndeferred:
+            _hand_off_deferred(pk)
         if pk.status == DROP_OK and pk.flags & FLAG_ARENA:
             status, payload = self._copy_out(pk, buf)
             pk.fd = -1
@@ -634,6 +659,8 @@ cdef class Conn:
     cdef object _recv_nowait(self, uint8_t *buf, char *cbuf):
         cdef Packet pk
         cdef int rc
+        if self.fd < 0:
+            return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
         with nogil:
             rc = _recv_packet(self.fd, buf, cbuf, self.server_side, &pk)
         if rc == 0:
@@ -707,6 +734,7 @@ cdef class ServerTransport:
     cdef dict conns       # fd -> Conn
     cdef object ready     # deque of Conn with packets (probably) queued
     cdef int burst        # packets served from ready since the last epoll_wait
+    cdef double accept_paused_until  # out of fds: the listener is off epoll until then (0: on)
     cdef uint8_t *buf
     cdef char *cbuf
     cdef epoll_event events[MAX_EVENTS]
@@ -780,6 +808,11 @@ cdef class ServerTransport:
             # not starve new connections and quieter clients.
             self.burst = 0
             ms = 0 if self.ready else _ms_left(deadline)
+            if self.accept_paused_until != 0:
+                if _now() >= self.accept_paused_until:
+                    self._resume_accept()
+                elif ms < 0 or ms > <int>(ACCEPT_PAUSE * 1000):
+                    ms = <int>(ACCEPT_PAUSE * 1000)
             with nogil:
                 n = epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
             if n < 0:
@@ -811,10 +844,13 @@ cdef class ServerTransport:
             with nogil:
                 fd = accept4(self.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
-                # EAGAIN: done; EMFILE/ENFILE/ENOMEM: leave it queued for later;
-                # ECONNABORTED: that client gave up, try the next one.
+                # EAGAIN: done; ECONNABORTED: that client gave up, try the next one;
+                # out of fds or memory: leave it queued, and stop watching the listener
+                # for a while (it stays readable: epoll would spin).
                 if errno == EINTR or errno == ECONNABORTED:
                     continue
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    self._pause_accept()
                 return
             if self.pass_on_accept:
                 setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one))
@@ -827,6 +863,19 @@ cdef class ServerTransport:
             ev.data.fd = fd
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
 
+    cdef _pause_accept(self):
+        if self.accept_paused_until == 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
+        self.accept_paused_until = _now() + ACCEPT_PAUSE
+
+    cdef _resume_accept(self):
+        cdef epoll_event ev
+        if self.accept_paused_until != 0:
+            self.accept_paused_until = 0
+            ev.events = EPOLLIN
+            ev.data.fd = self.listen_fd
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev)
+
     cdef _drop(self, Conn conn):
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
@@ -836,6 +885,7 @@ cdef class ServerTransport:
         except ValueError:
             pass
         conn.shutdown()
+        self._resume_accept()  # a connection went: its fds may soon be free
 
     def disconnect(self, Conn conn):
         """Stop serving ``conn`` (e.g. a hostile peer); its fd closes when released."""

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Optional
 
+from ._closer import close_received
 from .errors import IPCTimeoutError
 from .wire import Drop
 
@@ -48,6 +49,9 @@ ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MAX_ARENAS = 4
 #: Smallest arena made (bytes of ring); a bigger payload gets twice its size.
 MIN_CAPACITY = 8 * 1024 * 1024
+#: Largest arena ring made or accepted, whatever either side's max_size: a sender and a
+#: receiver with different limits must still agree on it. Bigger payloads use sealed memfds.
+MAX_CAPACITY = 128 * 1024 * 1024
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _ids = itertools.count(1)
 
@@ -67,7 +71,7 @@ class Arena:
             os.close(self.fd)
             raise
         self.view = memoryview(self._map)
-        self.announced = False  # has the receiver got the fd yet?
+        self.announced = False  # has a release shown that the receiver mapped it?
         self.head = 0  # end position of the last region handed out
         self.lock = threading.Lock()  # one large send at a time: regions are released in order
 
@@ -92,6 +96,7 @@ class Arena:
         return offset, end
 
     def write(self, offset: int, data) -> None:
+        data = memoryview(data).cast("B")  # any buffer, counted in bytes
         self.view[CONTROL + offset : CONTROL + offset + len(data)] = data
 
     def close(self) -> None:
@@ -100,7 +105,7 @@ class Arena:
         os.close(self.fd)
 
 
-def map_arena(fd: int, limit: int) -> tuple[int, Optional[mmap.mmap]]:
+def map_arena(fd: int) -> tuple[int, Optional[mmap.mmap]]:
     """The receiver's side: check a new arena fd and map it. Always closes ``fd``."""
     try:
         try:
@@ -111,7 +116,7 @@ def map_arena(fd: int, limit: int) -> tuple[int, Optional[mmap.mmap]]:
         if (
             seals & ARENA_SEALS != ARENA_SEALS
             or not stat.S_ISREG(st.st_mode)
-            or not CONTROL < st.st_size <= CONTROL + max(2 * limit, MIN_CAPACITY)
+            or not CONTROL < st.st_size <= CONTROL + MAX_CAPACITY
         ):
             return Drop.BAD_ARENA, None
         try:
@@ -119,27 +124,30 @@ def map_arena(fd: int, limit: int) -> tuple[int, Optional[mmap.mmap]]:
         except OSError:
             return Drop.BAD_ARENA, None
     finally:
-        os.close(fd)
+        close_received(fd)
 
 
 def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple[int, Optional[mmap.mmap], int, int]:
     """Resolve an ARENA packet: ``(status, mapping, start, release position)``.
 
-    ``fd`` (or -1) is a new arena announced by this packet; it is checked,
-    mapped and remembered in ``arenas`` (id -> mapping), and always closed.
+    ``fd`` (or -1) is an arena announced by this packet; a new one is checked,
+    mapped and remembered in ``arenas`` (id -> mapping); the fd is always closed.
     A valid arena is kept even when this packet's payload is refused, since
     the sender will name it again.
     The region ``[start, start + length)`` of the mapping is inside the ring.
     """
     arena_id, _reserved, offset, position = REF.unpack_from(body)
     if fd >= 0:
-        if arena_id in arenas or len(arenas) >= MAX_ARENAS:
-            os.close(fd)
+        if arena_id in arenas:
+            close_received(fd)  # announced again (the sender had no sign we mapped it yet): keep ours
+        elif len(arenas) >= MAX_ARENAS:
+            close_received(fd)
             return Drop.BAD_ARENA, None, 0, 0
-        status, mapping = map_arena(fd, limit)
-        if status != Drop.OK:
-            return status, None, 0, 0
-        arenas[arena_id] = mapping
+        else:
+            status, mapping = map_arena(fd)
+            if status != Drop.OK:
+                return status, None, 0, 0
+            arenas[arena_id] = mapping
     mapping = arenas.get(arena_id)
     if mapping is None:
         return Drop.BAD_ARENA, None, 0, 0
@@ -161,14 +169,15 @@ class ArenaSender:
     by a larger one when a payload outgrows it (the receiver keeps at most
     ``MAX_ARENAS``, so at most that many are ever made per connection)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self) -> None:
         self.arena: Optional[Arena] = None
         self.made = 0
         self.lock = threading.Lock()  # one large send at a time: regions are released in order
 
     def usable(self, size: int) -> bool:
         """False when the sealed-memfd path must carry this payload instead."""
+        if size > MAX_CAPACITY:
+            return False
         return self.made < MAX_ARENAS or (self.arena is not None and size <= self.arena.capacity)
 
     def send(self, conn, kind: int, request_id: int, data, size: int, timeout: Optional[float]) -> None:
@@ -179,7 +188,7 @@ class ArenaSender:
         with self.lock:
             arena = self.arena
             if arena is None or arena.capacity < size:
-                arena = Arena(min(max(MIN_CAPACITY, 2 * size), 2 * self.limit))
+                arena = Arena(min(max(MIN_CAPACITY, 2 * size), MAX_CAPACITY))
                 if self.arena is not None:
                     self.arena.close()  # the receiver keeps its own mapping until the connection ends
                 self.arena = arena
@@ -187,9 +196,12 @@ class ArenaSender:
             offset, end = arena.reserve(size, deadline)
             arena.write(offset, data)
             body = REF.pack(arena.id, 0, offset, end)
+            # Attach the fd until a release shows the receiver has mapped the arena: an
+            # announcement it dropped (fd limit, a refused packet) must not strand the ring.
+            if not arena.announced and arena.released():
+                arena.announced = True
             flags = Flag.ARENA | (0 if arena.announced else Flag.PAYLOAD_FD)
             conn.send_fd(kind, request_id, size, -1 if arena.announced else arena.fd, remaining(deadline), flags, body)
-            arena.announced = True
 
     def close(self) -> None:
         with self.lock:

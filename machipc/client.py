@@ -131,7 +131,7 @@ class Client:
             self._conn = mod.Conn(self._connect(), False, False)
             self._conn.max_payload = max_size
         #: Large payloads go through a reused arena (machipc/arena.py); None: sealed memfds only.
-        self._arenas = arena.ArenaSender(max_size) if arenas and hasattr(self._conn, "send_fd") else None
+        self._arenas = arena.ArenaSender() if arenas and hasattr(self._conn, "send_fd") else None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._recv_lock = threading.Lock()

@@ -27,6 +27,7 @@ import os
 import stat
 from typing import Optional, Union
 
+from ._closer import close_received
 from .errors import InvalidArgument, MessageTooLarge
 from .wire import INLINE_MAX, Drop, Flag
 
@@ -114,7 +115,7 @@ def sealed_memfd(data: Union[bytes, bytearray, memoryview]) -> int:
 
 
 def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryview]]:
-    """Check a received payload fd and map it read-only. Always closes ``fd``.
+    """Check a received payload fd and map it read-only. Always closes ``fd`` (see _closer).
 
     Returns ``(Drop.OK, view)`` or ``(reason, None)``: the fd must be a regular
     memfd carrying every seal in ``REQUIRED_SEALS`` whose size equals the
@@ -140,7 +141,7 @@ def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryvi
             return Drop.BAD_PAYLOAD_FD, None
         return Drop.OK, memoryview(mapped)
     finally:
-        os.close(fd)
+        close_received(fd)  # a peer's fd: it may not be a memfd, and then close() may block
 
 
 def size_of(data: Payload) -> int:

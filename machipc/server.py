@@ -345,8 +345,10 @@ class Server:
             self._answer_error(conn, request_id, code, text)
 
     def _answer_error(self, conn, request_id: int, code: int, text: str) -> None:
+        # On the receive thread, for senders that broke the rules or were refused: never
+        # wait for them (timeout 0); one whose queue is full is hung up on at once.
         try:
-            conn.send(Kind.ERROR, request_id, pack_error(code, text), self.reply_timeout)
+            conn.send(Kind.ERROR, request_id, pack_error(code, text), 0)
         except Exception as exc:
             self.stats.reply_errors += 1
             log.info("could not send error reply: %s", exc)
@@ -421,27 +423,38 @@ class Server:
         """After a stop: handle what clients already sent, accepting nobody new."""
         activation.notify("STOPPING=1")
         self._stop_accepting()
-        drained = empty = 0
         with self._recv_lock:
-            while not self._closed and self._transport is not None:
-                got = self._transport.recv(0)
-                if got is None:
-                    empty += 1  # twice: a pending wakeup() can make one recv(0) come back empty
-                    if empty == 2:
-                        break
-                    continue
-                empty = 0
-                msg = self._admit(got)
-                if msg is not None:
-                    drained += 1
-                    if pool is None:
-                        self._dispatch(handler, msg)
-                    else:
-                        pool.submit(msg)
-                    del msg
-                if deadline is not None and remaining(deadline) == 0.0:
-                    log.warning("stopping: drain timeout reached; closing with messages still queued")
+            # Handlers run here with the lock held: mark this thread as the receiver so a
+            # close() from a handler (or a signal handler) defers instead of deadlocking.
+            self._receiver = threading.get_ident()
+            try:
+                self._drain_locked(handler, pool, deadline)
+            finally:
+                self._receiver = None
+                if self._closed:
+                    self._teardown()
+
+    def _drain_locked(self, handler: Handler, pool, deadline: Optional[float]) -> None:
+        drained = empty = 0
+        while not self._closed and self._transport is not None:
+            got = self._transport.recv(0)
+            if got is None:
+                empty += 1  # twice: a pending wakeup() can make one recv(0) come back empty
+                if empty == 2:
                     break
+                continue
+            empty = 0
+            msg = self._admit(got)
+            if msg is not None:
+                drained += 1
+                if pool is None:
+                    self._dispatch(handler, msg)
+                else:
+                    pool.submit(msg)
+                del msg
+            if deadline is not None and remaining(deadline) == 0.0:
+                log.warning("stopping: drain timeout reached; closing with messages still queued")
+                break
         log.info("stopping: handled %d queued messages", drained)
 
     def _stop_accepting(self) -> None:

@@ -45,6 +45,7 @@ from typing import Optional
 
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
+from ._closer import close_received
 from .payload import MAX_PAYLOAD, map_sealed
 from .wire import (
     CLIENT_ACCEPTS,
@@ -64,6 +65,8 @@ IMPLEMENTATION = "py"
 
 SO_PASSPIDFD = 76
 SO_PEERPIDFD = 77
+#: Seconds the listener is left alone after accept ran out of fds.
+ACCEPT_PAUSE = 0.1
 SCM_PIDFD = 4
 SAME_PEER = -2
 _UCRED = struct.Struct("=iII")
@@ -116,14 +119,16 @@ class Conn:
 
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
-        self._sendmsg([pack_header(kind, request_id, len(payload)), payload], [], timeout)
+        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        self._sendmsg([pack_header(kind, request_id, size), payload], [], timeout)
 
     def send_many(self, kind: int, payloads: list, timeout: Optional[float]) -> None:
         """Send inline packets in order (the Cython twin batches them with sendmmsg)."""
         deadline = deadline_of(timeout)
         for i, data in enumerate(payloads):
-            if len(data) > INLINE_MAX:
-                raise MessageTooLarge(f"send_many: item {i} ({len(data)} bytes) does not fit inline")
+            size = len(data) if type(data) is bytes else memoryview(data).nbytes
+            if size > INLINE_MAX:
+                raise MessageTooLarge(f"send_many: item {i} ({size} bytes) does not fit inline")
             try:
                 self.send(kind, 0, data, remaining(deadline))
             except IPCTimeoutError:
@@ -150,6 +155,8 @@ class Conn:
             except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
                 raise PeerGone(f"send: the peer closed the connection ({exc.strerror})") from None
             except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise PeerGone("send: the connection is closed") from None
                 raise error_from_errno(exc.errno, "send") from None
             left = remaining(deadline)
             if left == 0.0:
@@ -160,12 +167,18 @@ class Conn:
 
     def recv_nowait(self) -> Optional[tuple]:
         """Receive one packet if one is queued (None if not); see the module doc."""
-        try:
-            data, anc, msg_flags, _ = self.sock.recvmsg(PACKET_MAX, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
-            return None
-        except (ConnectionResetError, BrokenPipeError):
-            data, anc, msg_flags = b"", [], 0
+        if self.sock.fileno() < 0:
+            return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+        while True:
+            try:
+                data, anc, msg_flags, _ = self.sock.recvmsg(PACKET_MAX, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+                break
+            except BlockingIOError:
+                return None
+            except (ConnectionResetError, BrokenPipeError):
+                # The peer left with our replies unread: the error is reported once, ahead
+                # of the packets it sent before leaving. Read on; EOF comes after them.
+                continue
         if not data and not anc:
             return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
         return self._parse(data, anc, msg_flags)
@@ -219,8 +232,8 @@ class Conn:
             kind, flags, request_id = header.kind, header.flags, header.request_id
         if status == Drop.OK:
             status, payload = self._take_payload(header, data, fds, payload)
-        for fd in fds:  # every fd we did not take is closed
-            os.close(fd)
+        for fd in fds:  # every fd we did not take is closed (without blocking on it)
+            close_received(fd)
         if status != Drop.OK:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -332,6 +345,7 @@ class ServerTransport:
         self._pidfs = pidfs
         #: Largest memfd payload accepted connections map (Server sets it from max_size).
         self.max_payload = MAX_PAYLOAD
+        self._accept_paused_until = 0.0  # out of fds: the listener is off epoll until then
         self._ep = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(listener.fileno(), select.EPOLLIN)
@@ -370,6 +384,11 @@ class ServerTransport:
             # not starve new connections and quieter clients.
             self._burst = 0
             left = 0.0 if self._ready else remaining(deadline)
+            if self._accept_paused_until:
+                if time.monotonic() >= self._accept_paused_until:
+                    self._resume_accept()
+                elif left is None or left > ACCEPT_PAUSE:
+                    left = ACCEPT_PAUSE
             try:
                 events = self._ep.poll(-1 if left is None else left)
             except InterruptedError:
@@ -400,7 +419,10 @@ class ServerTransport:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return  # out of fds: leave it queued, try again later
+                    # Out of fds: leave it queued, and stop watching the listener for a
+                    # while (it stays readable: epoll would spin).
+                    self._pause_accept()
+                    return
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
@@ -412,6 +434,16 @@ class ServerTransport:
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, select.EPOLLIN)
 
+    def _pause_accept(self) -> None:
+        if not self._accept_paused_until:
+            self._ep.unregister(self._listener.fileno())
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def _resume_accept(self) -> None:
+        if self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._ep.register(self._listener.fileno(), select.EPOLLIN)
+
     def _drop(self, conn: Conn) -> None:
         if self._conns.pop(conn.fd, None) is conn:
             self._ep.unregister(conn.fd)
@@ -420,6 +452,7 @@ class ServerTransport:
         except ValueError:
             pass
         conn.shutdown()
+        self._resume_accept()  # a connection went: its fds may soon be free
 
     def disconnect(self, conn: Conn) -> None:
         """Stop serving ``conn`` (e.g. a hostile peer); its fd closes when released."""
