@@ -36,12 +36,13 @@ def echo(msg: machipc.Message) -> bytes:
 
 @pytest.fixture
 def serve(impl, sockdir):
-    """start(handler, policy=None, name=..., **kw) -> Server running serve() in a thread."""
+    """start(handler, policy=None, name=..., serve_kw=None, **kw) -> Server running
+    ``serve(handler, **serve_kw)`` in a thread; ``kw`` go to the Server."""
     running = []
 
-    def start(handler=echo, policy=None, name="org.test.svc", **kw) -> machipc.Server:
+    def start(handler=echo, policy=None, name="org.test.svc", serve_kw=None, **kw) -> machipc.Server:
         srv = machipc.Server(name, policy, directory=sockdir, impl=impl, **kw)
-        thread = threading.Thread(target=srv.serve, args=(handler,), daemon=True)
+        thread = threading.Thread(target=srv.serve, args=(handler,), kwargs=serve_kw or {}, daemon=True)
         thread.start()
         running.append((srv, thread))
         return srv

@@ -19,22 +19,9 @@ from conftest import wait_for
 
 
 @pytest.fixture
-def serve(impl, sockdir):
-    """start(handler, **serve_kw) -> Server whose serve(handler, **serve_kw) runs in a thread."""
-    running = []
-
-    def start(handler, name="org.test.svc", **serve_kw) -> machipc.Server:
-        srv = machipc.Server(name, directory=sockdir, impl=impl)
-        thread = threading.Thread(target=srv.serve, args=(handler,), kwargs=serve_kw, daemon=True)
-        thread.start()
-        running.append((srv, thread))
-        return srv
-
-    yield start
-    for srv, thread in running:
-        srv.close()
-        thread.join(10)
-        assert not thread.is_alive(), "serve() did not return after close()"
+def serve(serve):
+    """start(handler, **serve_kw): conftest's server, with serve() keywords (workers=...)."""
+    return lambda handler, **serve_kw: serve(handler, serve_kw=serve_kw)
 
 
 def test_handlers_run_concurrently(serve, client):
