@@ -60,7 +60,7 @@ fuzz: install
 	$(VPY) fuzz/fuzz_recv.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 .fuzz-corpus
 
 soak: install
-	MACHIPC_SOAK_MESSAGES=1000000 $(VPY) -m pytest -q -s -p no:logging tests/test_soak.py
+	MACHIPC_SOAK_MESSAGES=1000000 MACHIPC_SOAK_LARGE_MESSAGES=100000 $(VPY) -m pytest -q -s -p no:logging tests/test_soak.py
 
 sanitize: install
 	VPY=$(VPY) FUZZ_SECONDS=30 sh fuzz/sanitize.sh

@@ -108,3 +108,57 @@ while i < n:
         print(f"soak {impl}: {n} sent, {expected} received; fds {start[0]} -> {end[0]}, RSS {start[1]} -> {end[1]} KiB")
         assert end[0] <= start[0] + 1
         assert end[1] - start[1] < 8 * 1024  # KiB
+
+
+LARGE_MESSAGES = int(os.environ.get("MACHIPC_SOAK_LARGE_MESSAGES", "2000"))
+
+
+def test_large_payload_soak_fds_and_rss_flat(impl, sockdir):
+    """Large messages through the arena and as sealed memfds: nothing accumulates.
+
+    ``MACHIPC_SOAK_LARGE_MESSAGES`` sets the count (``make soak``: 100,000).
+    """
+    import threading
+    import time
+
+    def nfds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0])
+
+    payload = os.urandom(256 * 1024)
+    half = LARGE_MESSAGES // 2
+    warm = max(1, half // 10)
+    got = [0, 0]
+    with machipc.Server("org.test.soak", directory=sockdir, impl=impl) as srv:
+
+        def receive() -> None:
+            while got[0] < 2 * half:
+                for msg in srv.receive_many(64, timeout=60):
+                    got[0] += 1
+                    got[1] += msg.data == payload
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        arena_cli = machipc.Client("org.test.soak", directory=sockdir, impl=impl)
+        sealed_cli = machipc.Client("org.test.soak", directory=sockdir, impl=impl, arenas=False)
+        for _ in range(warm):
+            arena_cli.send(payload, timeout=30)
+            sealed_cli.send(payload, timeout=30)
+        deadline = time.monotonic() + 60
+        while got[0] < 2 * warm and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fds0, rss0 = nfds(), rss_kib()
+        for _ in range(half - warm):
+            arena_cli.send(payload, timeout=30)
+            sealed_cli.send(payload, timeout=30)
+        thread.join(120)
+        fds1, rss1 = nfds(), rss_kib()
+        arena_cli.close()
+        sealed_cli.close()
+    print(f"{impl}: {2 * half} large messages, {got[1]} intact; after warm-up fds {fds0}->{fds1}, RSS {rss0}->{rss1} KiB")
+    assert got == [2 * half, 2 * half]
+    assert fds1 <= fds0 + 2
+    assert rss1 <= rss0 + 16 * 1024  # a steady state, not 256 KiB per message
