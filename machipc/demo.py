@@ -2,9 +2,9 @@
 
 Trusted clients are Python processes running the same interpreter as the server.
 Untrusted ones are a Perl program speaking the wire protocol (a different
-executable) and, when the demo runs as root, the same Perl program running as
-``nobody`` (a different uid, rejected by SameUser first). The kernel reports who each sender is; the policy
-decides; the output shows both.
+executable, rejected by the Allowlist) and, when the demo runs as root, the same
+Perl program running as ``nobody`` (a different uid, rejected by SameUser first).
+The kernel reports who each sender is; the policy decides; the output shows both.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Optional
 
 from . import policies
 from .message import Message
-from .peer import Peer
 from .server import Server
 
 SERVICE = "org.machipc.demo"
@@ -37,24 +36,6 @@ my ($magic, $ver, $kind, $flags, $id, $len) = unpack("vCCVQ<Q<", $r);
 my ($code) = unpack("v", substr($r, 24, 2));
 print "perl client pid $$: reply kind $kind code $code: ", substr($r, 26), "\n";
 """
-
-
-class SameExecutable(policies.Policy):
-    """Allow senders running ``path`` (the demo's stand-in for SameDirectory/Allowlist)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.realpath(path)
-
-    def check(self, peer: Peer) -> policies.Decision:
-        exe = peer.exe
-        if exe is None:
-            return policies.Decision.deny(f"executable of pid {peer.pid} unknown (exited or unreadable)")
-        if os.path.realpath(exe) == self.path:
-            return policies.Decision.allow(f"runs {self.path}")
-        return policies.Decision.deny(f"runs {exe}, not {self.path}")
-
-    def __repr__(self) -> str:
-        return f"SameExecutable({self.path!r})"
 
 
 class _RejectionPrinter(logging.Handler):
@@ -91,7 +72,7 @@ def run(clients: int = 3) -> int:
     """Run the demo; returns 0 when trusted messages were served and intruders rejected."""
     directory = tempfile.mkdtemp(prefix="machipc-demo-")
     os.chmod(directory, 0o755)  # the uid-nobody client must reach the socket
-    policy = policies.SameUser() & SameExecutable(sys.executable)
+    policy = policies.SameUser() & policies.Allowlist(executables=[sys.executable])
     logging.getLogger("machipc").addHandler(_RejectionPrinter())
     logging.getLogger("machipc").propagate = False
     srv = Server(SERVICE, policy, directory=directory)
