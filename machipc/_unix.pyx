@@ -384,6 +384,9 @@ cdef class Conn:
     cdef int peer_pidfd
     cdef unsigned long long peer_ino
     cdef bint pidfd_per_packet  # SO_PASSPIDFD is on: packets carry their own pidfd
+    # Threads using ``fd`` without the GIL; close() waits for them (see _enter/close).
+    cdef int busy
+    cdef bint close_pending
     cdef public unsigned long long max_payload  # largest memfd payload mapped
     cdef public dict arenas  # the peer's arenas: id -> mapping
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
@@ -446,19 +449,24 @@ cdef class Conn:
         batch) while the peer's queue is full; on timeout the packets already
         sent stay sent and the error says how many.
         """
+        cdef double deadline = _deadline(timeout)
+        cdef pollfd pfd
+        cdef int fd = self._enter()
+        try:
+            pfd.fd = fd
+            pfd.events = POLLOUT
+            self._send_batches(fd, kind, payloads, deadline, timeout, &pfd)
+        finally:
+            self._leave()
+
+    cdef _send_batches(self, int fd, int kind, list payloads, double deadline, timeout, pollfd *pfd):
         cdef Py_ssize_t n = len(payloads)
         cdef Py_ssize_t done = 0, i, count, acquired
         cdef int sent = 0, err = 0, rc
-        cdef double deadline = _deadline(timeout)
         cdef mmsghdr vec[SEND_BATCH]
         cdef iovec iov[2 * SEND_BATCH]
         cdef uint8_t headers[SEND_BATCH][HEADER_SIZE]
         cdef Py_buffer views[SEND_BATCH]
-        cdef pollfd pfd
-        if self.fd < 0:
-            raise PeerGone("send: the connection is closed")
-        pfd.fd = self.fd
-        pfd.events = POLLOUT
         while done < n:
             count = min(n - done, SEND_BATCH)
             memset(vec, 0, sizeof(vec))
@@ -477,12 +485,12 @@ cdef class Conn:
                     vec[i].msg_hdr.msg_iov = &iov[2 * i]
                     vec[i].msg_hdr.msg_iovlen = 2
                 with nogil:
-                    sent = sendmmsg(self.fd, vec, <unsigned int>count, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    sent = sendmmsg(fd, vec, <unsigned int>count, MSG_DONTWAIT | MSG_NOSIGNAL)
                     err = errno if sent < 0 else 0
                     if err == EAGAIN:
                         rc = _ms_left(deadline)
                         if rc != 0:
-                            poll(&pfd, 1, rc)
+                            poll(pfd, 1, rc)
             finally:
                 for i in range(acquired):
                     PyBuffer_Release(&views[i])
@@ -519,19 +527,43 @@ cdef class Conn:
             (<int *>CMSG_DATA(c))[0] = fd
         self._sendmsg(&msg, timeout, length)
 
+    cdef int _enter(self) except -1:
+        """Claim ``fd`` for a system call made without the GIL; pair with _leave()."""
+        if self.fd < 0 or self.close_pending:
+            raise PeerGone("send: the connection is closed")
+        self.busy += 1
+        return self.fd
+
+    cdef void _leave(self) noexcept:
+        self.busy -= 1
+        if self.busy == 0 and self.close_pending:
+            self._close_now()
+
+    cdef void _close_now(self) noexcept:
+        cdef int fd = self.fd
+        self.fd = -1
+        self.close_pending = False
+        if fd >= 0:
+            close(fd)
+
     cdef _sendmsg(self, msghdr *msg, timeout, size_t size):
+        cdef double deadline = _deadline(timeout)
+        cdef int fd = self._enter()
+        try:
+            self._sendmsg_fd(fd, msg, deadline, timeout, size)
+        finally:
+            self._leave()
+
+    cdef _sendmsg_fd(self, int fd, msghdr *msg, double deadline, timeout, size_t size):
         cdef ssize_t n
         cdef int err = 0
         cdef int rc
         cdef pollfd pfd
-        cdef double deadline = _deadline(timeout)
-        if self.fd < 0:
-            raise PeerGone("send: the connection is closed")
-        pfd.fd = self.fd
+        pfd.fd = fd
         pfd.events = POLLOUT
         while True:
             with nogil:
-                n = sendmsg(self.fd, msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                n = sendmsg(fd, msg, MSG_DONTWAIT | MSG_NOSIGNAL)
                 err = errno if n < 0 else 0
                 if err == EAGAIN:
                     rc = _ms_left(deadline)
@@ -675,36 +707,47 @@ cdef class Conn:
         cdef pollfd pfd
         cdef int ms, rc
         cdef Packet pk
+        cdef int fd
         if self.buf == NULL:
             self._alloc_buffers()
-        if self.fd < 0:
+        if self.fd < 0 or self.close_pending:
             return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
-        pfd.fd = self.fd
-        pfd.events = POLLIN
-        while True:
-            ms = _ms_left(deadline)
-            with nogil:
-                # Wait first: a reply is almost never there yet, so this saves a recvmsg.
-                rc = poll(&pfd, 1, ms) if ms != 0 else 1
-                if rc > 0:
-                    rc = _recv_packet(self.fd, self.buf, self.cbuf, self.server_side, &pk)
-                    if rc == 0:
-                        rc = -2  # spurious wake-up
-            if rc == 1:
-                return self._result(&pk, self.buf)
-            if rc == -1:
-                if errno == EINTR:
-                    PyErr_CheckSignals()
-                    continue
-                raise error_from_errno(errno, "recv")
-            if ms == 0 or (rc == 0 and _ms_left(deadline) == 0):
-                return None
+        fd = self._enter()
+        try:
+            pfd.fd = fd
+            pfd.events = POLLIN
+            while True:
+                ms = _ms_left(deadline)
+                with nogil:
+                    # Wait first: a reply is almost never there yet, so this saves a recvmsg.
+                    rc = poll(&pfd, 1, ms) if ms != 0 else 1
+                    if rc > 0:
+                        rc = _recv_packet(fd, self.buf, self.cbuf, self.server_side, &pk)
+                        if rc == 0:
+                            rc = -2  # spurious wake-up
+                if rc == 1:
+                    return self._result(&pk, self.buf)
+                if rc == -1:
+                    if errno == EINTR:
+                        PyErr_CheckSignals()
+                        continue
+                    raise error_from_errno(errno, "recv")
+                if ms == 0 or (rc == 0 and _ms_left(deadline) == 0):
+                    return None
+        finally:
+            self._leave()
 
     def recv_nowait(self):
         """Receive one packet if one is queued (None if not)."""
         if self.buf == NULL:
             self._alloc_buffers()
-        return self._recv_nowait(self.buf, self.cbuf)
+        if self.fd < 0 or self.close_pending:
+            return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+        self._enter()
+        try:
+            return self._recv_nowait(self.buf, self.cbuf)
+        finally:
+            self._leave()
 
     def shutdown(self):
         """Tell the peer we are gone (EOF on its side); the fd stays open until released."""
@@ -712,10 +755,14 @@ cdef class Conn:
             shutdown(self.fd, SHUT_RDWR)
 
     def close(self):
-        cdef int fd = self.fd
-        self.fd = -1
-        if fd >= 0:
-            close(fd)
+        """Close the socket; if other threads are using it, once the last one is done
+        (a shutdown wakes them), so no call ever reaches a reused fd number."""
+        if self.busy:
+            self.close_pending = True
+            if self.fd >= 0:
+                shutdown(self.fd, SHUT_RDWR)
+        else:
+            self._close_now()
 
 
 cdef class ServerTransport:

@@ -294,10 +294,10 @@ class Client:
         if self._dead is None:
             self._dead = PeerGone("the client was closed")
         conn = self._conn
-        conn.shutdown()
-        if self._recv_lock.acquire(blocking=False):
+        conn.shutdown()  # wakes any thread blocked on it (they see EOF or PeerGone)
+        if self._recv_lock.acquire(blocking=False):  # no leader inside recv (the Mach port set)
             try:
-                conn.close()
+                conn.close()  # Linux: the fd goes once no thread is inside a call on it
             finally:
                 self._recv_lock.release()
         if self.server_peer is not None:

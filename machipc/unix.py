@@ -39,6 +39,7 @@ import signal
 import select
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from typing import Optional
@@ -105,6 +106,9 @@ class Conn:
         self.id = next(_ids)
         self.fd = sock.fileno()
         self._server_side = server_side
+        self._busy = 0  # threads inside a call on the socket (see close())
+        self._close_pending = False
+        self._busy_lock = threading.Lock()
         self._accepted = SERVER_ACCEPTS if server_side else CLIENT_ACCEPTS
         self._pidfs = pidfs
         self._last: Optional[tuple[int, int, int, int]] = None  # pid, uid, gid, pidfd inode
@@ -144,7 +148,28 @@ class Conn:
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
         self._sendmsg([header, body], rights, timeout)
 
+    def _enter(self) -> None:
+        """Claim the socket for a call that may block; pair with _leave() (see close())."""
+        with self._busy_lock:
+            if self._close_pending or self.sock.fileno() < 0:
+                raise PeerGone("the connection is closed")
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+            if self._busy or not self._close_pending:
+                return
+        self.sock.close()
+
     def _sendmsg(self, buffers: list, ancdata: list, timeout: Optional[float]) -> None:
+        self._enter()
+        try:
+            self._sendmsg_claimed(buffers, ancdata, timeout)
+        finally:
+            self._leave()
+
+    def _sendmsg_claimed(self, buffers: list, ancdata: list, timeout: Optional[float]) -> None:
         deadline = deadline_of(timeout)
         while True:
             try:
@@ -167,8 +192,16 @@ class Conn:
 
     def recv_nowait(self) -> Optional[tuple]:
         """Receive one packet if one is queued (None if not); see the module doc."""
-        if self.sock.fileno() < 0:
+        try:
+            self._enter()
+        except PeerGone:
             return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+        try:
+            return self._recv_claimed()
+        finally:
+            self._leave()
+
+    def _recv_claimed(self) -> Optional[tuple]:
         while True:
             try:
                 data, anc, msg_flags, _ = self.sock.recvmsg(PACKET_MAX, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
@@ -186,16 +219,23 @@ class Conn:
     def recv(self, timeout: Optional[float]) -> Optional[tuple]:
         """Wait up to ``timeout`` for one packet (None on timeout)."""
         deadline = deadline_of(timeout)
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        while True:
-            got = self.recv_nowait()
-            if got is not None:
-                return got
-            left = remaining(deadline)
-            if left == 0.0:
-                return None
-            poller.poll(None if left is None else max(1, int(left * 1000)))
+        try:
+            self._enter()
+        except PeerGone:
+            return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+        try:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            while True:
+                got = self._recv_claimed()
+                if got is not None:
+                    return got
+                left = remaining(deadline)
+                if left == 0.0:
+                    return None
+                poller.poll(None if left is None else max(1, int(left * 1000)))
+        finally:
+            self._leave()
 
     def _parse(self, data: bytes, anc: list, msg_flags: int) -> tuple:
         pid = uid = gid = 0
@@ -329,6 +369,13 @@ class Conn:
             pass
 
     def close(self) -> None:
+        """Close the socket; if other threads are using it, once the last one is done
+        (a shutdown wakes them), so no call ever reaches a reused fd number."""
+        with self._busy_lock:
+            if self._busy:
+                self._close_pending = True
+                self.shutdown()
+                return
         self.sock.close()
 
 

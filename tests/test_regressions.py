@@ -170,3 +170,26 @@ def test_a_peer_fd_whose_close_blocks_does_not_stall_the_server(serve, client):
     raw.close()
     other.close()
     listener.close()
+
+
+def test_closing_a_client_under_concurrent_senders_only_raises_peer_gone(impl, sockdir):
+    # close() must never let another thread's send reach a closed (or reused) fd number.
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl):
+        errors: list[str] = []
+        for _ in range(10):
+            cli = machipc.Client("org.test.svc", directory=sockdir, impl=impl)
+
+            def send() -> None:
+                try:
+                    for _ in range(500):
+                        cli.send(b"x" * 64, timeout=5)
+                except Exception as exc:
+                    errors.append(type(exc).__name__)
+
+            threads = [threading.Thread(target=send) for _ in range(3)]
+            for t in threads:
+                t.start()
+            cli.close()
+            for t in threads:
+                t.join(30)
+        assert set(errors) <= {"PeerGone"}, errors
