@@ -30,6 +30,7 @@ from __future__ import annotations
 import array
 import argparse
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -103,6 +104,16 @@ class Payloads:
         HDR.pack_into(self.buf, 0, tag, pid, seq)
         self.buf[-1] = seq & 0xFF
         return self.buf
+
+
+def echo_rounds(send, recv, size: int, pid: int, count: int) -> None:
+    """``count`` request/reply round trips of ``size`` bytes, each echo checked."""
+    p = Payloads(size)
+    for i in range(count):
+        data = p.small(R, pid, i)
+        send(data)
+        if recv() != data:
+            raise BenchError(f"request {i}: wrong or missing echo")
 
 
 def check_big(data, pid: int, seq: int) -> bool:
@@ -199,12 +210,7 @@ class SocketClient:
         self.sent = 0
 
     def rtt(self, size: int, count: int) -> None:
-        p, send, recv, pid = Payloads(size), self.sock.send, self.sock.recv, self.pid
-        for i in range(count):
-            data = p.small(R, pid, i)
-            send(data)
-            if recv(INLINE_MAX + 64) != data:
-                raise BenchError(f"request {i}: wrong or missing echo")
+        echo_rounds(self.sock.send, functools.partial(self.sock.recv, INLINE_MAX + 64), size, self.pid, count)
 
     def oneway(self, size: int, count: int) -> None:
         p, pid = Payloads(size), self.pid
@@ -291,12 +297,7 @@ class MpconnClient:
         self.sent = 0
 
     def rtt(self, size: int, count: int) -> None:
-        p, send, recv, pid = Payloads(size), self.conn.send_bytes, self.conn.recv_bytes, self.pid
-        for i in range(count):
-            data = p.small(R, pid, i)
-            send(data)
-            if recv() != data:
-                raise BenchError(f"request {i}: wrong or missing echo")
+        echo_rounds(self.conn.send_bytes, self.conn.recv_bytes, size, self.pid, count)
 
     def oneway(self, size: int, count: int) -> None:
         p, pid, send = Payloads(size), self.pid, self.conn.send_bytes
@@ -374,12 +375,7 @@ class ZmqClient:
         self.bigs: list = []
 
     def rtt(self, size: int, count: int) -> None:
-        p, send, recv, pid = Payloads(size), self.req.send, self.req.recv, self.pid
-        for i in range(count):
-            data = p.small(R, pid, i)
-            send(data)
-            if recv() != data:
-                raise BenchError(f"request {i}: wrong or missing echo")
+        echo_rounds(self.req.send, self.req.recv, size, self.pid, count)
 
     def oneway(self, size: int, count: int) -> None:
         pid = self.pid
