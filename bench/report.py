@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -216,7 +215,7 @@ def plots(cases: dict[str, dict[str, Row]], out: Path, title: str) -> list[str]:
                 if b in cases[c]:
                     ys.append(j + i * h)
                     xs.append(cases[c][b].per_msg_us)
-            bars = ax.barh(ys, xs, height=h, color=colors.get(b), label=NAMES.get(b, b))
+            ax.barh(ys, xs, height=h, color=colors.get(b), label=NAMES.get(b, b))
             for y, x in zip(ys, xs):
                 ax.text(x * 1.03, y, f"{x:.1f}", va="center", fontsize=7)
         ax.set_yticks([j + 0.4 - h / 2 for j in range(len(lat_cases))])

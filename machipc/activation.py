@@ -142,7 +142,6 @@ def take_listener(name: Optional[str] = None, *, required: bool = False) -> Opti
     one is left alone (it may belong to another part of the program) unless
     ``required``.
     """
-    global _inherited
     fds = listen_fds()
     fd = _pick(fds, name)
     if fd is None:

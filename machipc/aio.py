@@ -55,13 +55,11 @@ from .errors import (
     IPCTimeoutError,
     MessageTooLarge,
     PeerGone,
-    ProtocolError,
-    RemoteError,
     ServerClosed,
 )
 from .message import Message
 from .unix import deadline_of, remaining
-from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error, unpack_error
+from .wire import ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "Client", "reader_fd"]
 

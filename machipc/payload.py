@@ -29,7 +29,7 @@ from typing import Optional, Union
 
 from ._closer import close_received
 from .errors import InvalidArgument, MessageTooLarge
-from .wire import INLINE_MAX, Drop, Flag
+from .wire import INLINE_MAX, Drop
 
 __all__ = ["MAX_PAYLOAD", "REQUIRED_SEALS", "LoanBuffer", "loan", "sealed_memfd", "map_sealed", "size_of", "prepare", "send"]
 

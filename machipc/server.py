@@ -19,7 +19,7 @@ from .errors import IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
-from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy, evaluate
+from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
 from .payload import MAX_PAYLOAD
 from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error
