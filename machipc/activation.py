@@ -32,7 +32,7 @@ import threading
 from typing import Optional
 
 from .errors import InvalidArgument, IPCError, NotPermitted
-from .naming import validate_name
+from .naming import system_dir, validate_name
 
 __all__ = [
     "SD_LISTEN_FDS_START",
@@ -210,8 +210,9 @@ def unit_files(
 ) -> dict[str, str]:
     """The ``.socket`` and ``.service`` texts for service ``name`` (filename -> text).
 
-    ``path`` defaults to the service's socket path for root (``/run/machipc/NAME``,
-    or ``$MACHIPC_RUNTIME_DIR/NAME`` when set), so clients find it by name.
+    ``path`` defaults to the service's socket path in the system directory
+    (``/run/machipc/NAME``, see :mod:`machipc.naming`; ``$MACHIPC_RUNTIME_DIR/NAME``
+    when that is set), so every user's clients find it by name.
     ``PassCredentials=yes`` makes the kernel attach credentials from the very
     first packet (before the daemon can set ``SO_PASSCRED`` itself).
     """
@@ -221,7 +222,7 @@ def unit_files(
     if "\n" in exec_start:
         raise InvalidArgument("--exec must be one line")
     if path is None:
-        path = os.path.join(os.environ.get("MACHIPC_RUNTIME_DIR") or "/run/machipc", name)
+        path = os.path.join(os.environ.get("MACHIPC_RUNTIME_DIR") or system_dir(), name)
     if not os.path.isabs(path):
         raise InvalidArgument(f"socket path {path!r} must be absolute")
     unit = unit or name

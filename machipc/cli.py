@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="machipc",
         description="Kernel-authenticated local IPC: the kernel tells the server who sent each message.",
-        epilog="Service names map to sockets in $MACHIPC_RUNTIME_DIR, else $XDG_RUNTIME_DIR/machipc, "
-        "else /run/machipc (root).",
+        epilog="Service names map to sockets: servers bind in $MACHIPC_RUNTIME_DIR, else /run/machipc "
+        "(root), else $XDG_RUNTIME_DIR/machipc or /tmp/machipc-UID; clients look in $MACHIPC_RUNTIME_DIR "
+        "alone, else in their own per-user directory, then in /run/machipc.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -23,7 +23,7 @@ from .errors import (
     ServiceNotFound,
     error_from_errno,
 )
-from .naming import check_socket_owner, service_path
+from .naming import find_sockets
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
@@ -125,10 +125,10 @@ class Client:
             self.implementation: str = mach.IMPLEMENTATION
             self._conn = mach.client_conn(name, timeout)
         else:
-            self.path = service_path(name, directory=directory)
             mod = _backend.transport(impl)
             self.implementation = mod.IMPLEMENTATION
-            self._conn = mod.Conn(self._connect(), False, False)
+            self.path = ""  #: the socket connected to (machipc.naming's lookup order)
+            self._conn = mod.Conn(self._connect(directory), False, False)
             self._conn.max_payload = max_size
         #: Large payloads go through a reused arena (machipc/arena.py); None: sealed memfds only.
         self._arenas = arena.ArenaSender() if arenas and hasattr(self._conn, "send_fd") else None
@@ -137,24 +137,35 @@ class Client:
         self._recv_lock = threading.Lock()
         self._dead: Optional[IPCError] = None
 
-    def _connect(self) -> socket.socket:
-        try:
-            check_socket_owner(self.path, (0, os.geteuid()))
-        except FileNotFoundError:
-            raise ServiceNotFound(f"no service {self.name!r}: nothing at {self.path}") from None
+    def _connect(self, directory: Optional[str]) -> socket.socket:
+        """Connect to the first live socket for the name (see machipc.naming for the order)."""
+        stale = []
+        for path in find_sockets(self.name, directory):
+            sock = self._connect_to(path)
+            if sock is not None:
+                self.path = path
+                return self._check_server(sock)
+            stale.append(path)
+        raise ServiceNotFound(f"no server is listening for {self.name!r} at {' or '.join(stale)} (stale socket)")
+
+    def _connect_to(self, path: str) -> Optional[socket.socket]:
+        """A socket connected to ``path``, or None when nobody listens there."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(self.path)
+            sock.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             sock.close()
-            raise ServiceNotFound(f"no server is listening for {self.name!r} at {self.path} (stale socket)") from None
+            return None
         except socket.timeout:
             sock.close()
             raise IPCTimeoutError(f"connecting to {self.name!r}: the server's backlog stayed full") from None
         except OSError as exc:
             sock.close()
-            raise error_from_errno(exc.errno, f"connect to {self.path}") from None
+            raise error_from_errno(exc.errno, f"connect to {path}") from None
+        return sock
+
+    def _check_server(self, sock: socket.socket) -> socket.socket:
         try:
             self.server_peer = peer = peer_of(sock)
             try:
