@@ -27,7 +27,7 @@ from ._wire cimport *
 
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from ._closer import close_later
-from .arena import locate as arena_locate, release as arena_release
+from .arena import locate as arena_locate, release_ref as arena_release_ref
 from .payload import MAX_PAYLOAD, map_sealed
 
 IMPLEMENTATION = "c"
@@ -597,6 +597,9 @@ cdef class Conn:
                     pk.pidfd = -1
         elif pk.status == DROP_OK:
             payload = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
+        if pk.flags & FLAG_ARENA and pk.size == HEADER_SIZE + ARENA_REF_SIZE and pk.status != DROP_BAD_VERSION:
+            # Whatever the outcome (the copy above is done): the sender may reuse the region.
+            arena_release_ref(self.arenas, PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE))
         if pk.status == DROP_OK and self.server_side:
             self._identify(pk)
         return (pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
@@ -670,13 +673,12 @@ cdef class Conn:
         cdef PrivateBuffer out
         cdef Py_ssize_t offset
         body = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE)
-        status, mapping, start, position = arena_locate(self.arenas, body, pk.length, pk.fd, self.max_payload)
+        status, mapping, start, _position = arena_locate(self.arenas, body, pk.length, pk.fd, self.max_payload)
         if status != DROP_OK:
             return status, None
         try:
             out = PrivateBuffer.__new__(PrivateBuffer, pk.length)
         except MemoryError:  # no memory for the copy now: refused like a payload over the limit
-            arena_release(mapping, position)  # and the sender may reuse the region
             return DROP_OVERSIZE, None
         offset = start
         PyObject_GetBuffer(mapping, &src, PyBUF_SIMPLE)
@@ -685,8 +687,7 @@ cdef class Conn:
                 memcpy(out.data, <const char *>src.buf + offset, pk.length)
         finally:
             PyBuffer_Release(&src)
-        arena_release(mapping, position)
-        return DROP_OK, memoryview(out)
+        return DROP_OK, memoryview(out)  # released by _result
 
     cdef object _recv_nowait(self, uint8_t *buf, char *cbuf):
         cdef Packet pk

@@ -19,7 +19,11 @@ can never fault (SIGBUS).
 
 Layout: bytes [0, 8) hold the release position (u64, little-endian, written by
 the receiver); the ring starts at ``CONTROL``. Positions grow monotonically; a
-region never wraps (the sender skips to the ring's start instead).
+region never wraps (the sender skips to the ring's start instead). The receiver
+stores a packet's release position whatever becomes of the packet (see
+:func:`release_ref`), so a sender waits only for packets not yet read, and a
+region fits once the ring is empty (``release == head``) even when the skipped
+tail plus the region exceed the capacity. docs/protocol.md has the state machine.
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ class Arena:
     def released(self) -> int:
         return RELEASE.unpack_from(self._map, 0)[0]
 
+    def fits(self, end: int) -> bool:
+        """May a region ending at position ``end`` be written now? Yes when every byte
+        handed out is released (the ring is empty), or when the live bytes
+        ``[release, head)``, the skipped tail and the region span at most the capacity."""
+        released = self.released()
+        return released == self.head or end - released <= self.capacity
+
     def reserve(self, size: int, deadline: Optional[float]) -> tuple[int, int]:
         """``(offset, end position)`` of a free region of ``size`` bytes; waits for the receiver."""
         start = self.head
@@ -87,7 +98,7 @@ class Arena:
             offset = 0
         end = start + size
         pause = 20e-6
-        while end - self.released() > self.capacity:
+        while not self.fits(end):
             if deadline is not None and time.monotonic() >= deadline:
                 raise IPCTimeoutError("send: the receiver did not free arena space in time")
             time.sleep(pause)
@@ -135,8 +146,10 @@ def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple
     A valid arena is kept even when this packet's payload is refused, since
     the sender will name it again.
     The region ``[start, start + length)`` of the mapping is inside the ring.
+    Nothing is released here: the transport calls :func:`release_ref` once it is
+    done with the packet, whatever the outcome.
     """
-    arena_id, _reserved, offset, position = REF.unpack_from(body)
+    arena_id, reserved, offset, position = REF.unpack_from(body)
     if fd >= 0:
         if arena_id in arenas:
             close_received(fd)  # announced again (the sender had no sign we mapped it yet): keep ours
@@ -152,11 +165,24 @@ def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple
     if mapping is None:
         return Drop.BAD_ARENA, None, 0, 0
     if length > limit:
-        release(mapping, position)  # refused, but the sender may reuse the region
         return Drop.OVERSIZE, None, 0, 0
-    if offset + length > len(mapping) - CONTROL:
+    if reserved or offset + length > len(mapping) - CONTROL:
         return Drop.BAD_ARENA, None, 0, 0
     return Drop.OK, mapping, CONTROL + offset, position
+
+
+def release_ref(arenas: dict, body) -> None:
+    """Store the release position of an ARENA packet's reference ``body`` (24 bytes)
+    in the arena it names, if this connection holds that arena.
+
+    Called for every packet of this protocol version with the ARENA flag and a
+    24-byte body once the receiver is done with it, whatever the outcome
+    (delivered, refused, malformed): a sender never waits on a region nobody will read.
+    """
+    arena_id, _reserved, _offset, position = REF.unpack_from(body)
+    mapping = arenas.get(arena_id)
+    if mapping is not None:
+        release(mapping, position)
 
 
 def release(mapping: mmap.mmap, position: int) -> None:

@@ -49,6 +49,7 @@ from . import arena
 from ._closer import close_received
 from .payload import MAX_PAYLOAD, map_sealed
 from .wire import (
+    ARENA_REF_SIZE,
     CLIENT_ACCEPTS,
     HEADER_SIZE,
     INLINE_MAX,
@@ -70,6 +71,7 @@ SO_PEERPIDFD = 77
 ACCEPT_PAUSE = 0.1
 SCM_PIDFD = 4
 SAME_PEER = -2
+ARENA_PACKET = HEADER_SIZE + ARENA_REF_SIZE
 _UCRED = struct.Struct("=iII")
 #: Room for credentials, a pidfd and up to 253 unexpected fds (so they can be closed).
 CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4) + socket.CMSG_SPACE(253 * 4)
@@ -274,6 +276,8 @@ class Conn:
             status, payload = self._take_payload(header, data, fds, payload)
         for fd in fds:  # every fd we did not take is closed (without blocking on it)
             close_received(fd)
+        if header is not None and header.flags & Flag.ARENA and len(data) == ARENA_PACKET and status != Drop.BAD_VERSION:
+            arena.release_ref(self.arenas, data[HEADER_SIZE:])  # whatever the outcome: the sender may reuse the region
         if status != Drop.OK:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -351,11 +355,10 @@ class Conn:
         elif flags & Flag.PAYLOAD_FD:
             return Drop.BAD_PAYLOAD_FD, b""  # the flag promised an fd that did not come
         if flags & Flag.ARENA:
-            status, mapping, start, position = arena.locate(self.arenas, data[HEADER_SIZE:], header.length, fd, self.max_payload)
+            status, mapping, start, _position = arena.locate(self.arenas, data[HEADER_SIZE:], header.length, fd, self.max_payload)
             if status != Drop.OK:
                 return status, b""
-            payload = mapping[start : start + header.length]  # the copy-out
-            arena.release(mapping, position)
+            payload = mapping[start : start + header.length]  # the copy-out (released by _parse)
             return Drop.OK, memoryview(payload)
         if fd >= 0:
             return map_sealed(fd, header.length, self.max_payload)

@@ -143,3 +143,16 @@ def test_refused_payloads_still_free_their_region(serve, client):
             cli.request(b"x" * (2 * MiB), timeout=5)
     assert srv.stats.too_large == 10
     assert cli.request(b"ok", timeout=5) == b"echo:ok"
+
+
+def test_a_region_that_needs_the_skipped_tail_fits_once_the_ring_is_empty(impl, sockdir, client):
+    # 3 MiB then 6 MiB in the 8 MiB ring: the second skips the 5 MiB tail, and tail +
+    # region (11 MiB) exceed the capacity. Once the first is released the ring is
+    # empty, so the sender must go on instead of waiting for a release that never comes.
+    with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
+        cli = client()
+        cli.send(b"a" * (3 * MiB))
+        assert srv.receive(timeout=10).data == b"a" * (3 * MiB)
+        cli.send(b"b" * (6 * MiB), timeout=10)
+        assert srv.receive(timeout=10).data == b"b" * (6 * MiB)
+        assert cli._arenas.made == 1  # the same ring, reused
