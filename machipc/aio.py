@@ -39,6 +39,7 @@ the transport's epoll fd; the Mach backend provides a kqueue fd with
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -48,7 +49,7 @@ import weakref
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional, Union
 
-from . import activation, payload
+from . import _backend, activation, payload
 from . import client as _client
 from . import server as _server
 from .errors import (
@@ -474,30 +475,62 @@ class Server:
 class Client:
     """An asyncio connection to the server of service ``name``.
 
-    Arguments as for :class:`machipc.Client` (connecting to a local socket does
-    not block). Many tasks may ``request`` at once; each gets its own reply.
+    Arguments as for :class:`machipc.Client`. Connecting to a local socket does
+    not block, except while the server's listen backlog is full (a connect
+    flood): then the constructor returns at once and the first ``await``
+    (``async with``, ``send``, ``request``) finishes connecting, waiting up to
+    ``timeout`` on a thread of the loop's default executor. Many tasks may
+    ``request`` at once; each gets its own reply.
     """
 
     def __init__(self, name: str, *, timeout: Optional[float] = 10.0, directory: Optional[str] = None, impl: Optional[str] = None) -> None:
-        self.sync = _client.Client(name, timeout=timeout, directory=directory, impl=impl)
         self.name = name
-        self.path = self.sync.path
         self.timeout = timeout
-        self.implementation = self.sync.implementation
-        self._conn = self.sync._conn
+        self._connect_args = dict(timeout=timeout, directory=directory, impl=impl)
+        self._connecting: Optional[asyncio.Future] = None
+        try:
+            self._connected(_client.Client(name, connect_timeout=0, **self._connect_args))
+        except IPCTimeoutError:  # the backlog is full: wait for a slot in _connect, off the loop
+            self.sync = None  # type: ignore[assignment]
+            self._conn = None
+            self.path = ""  # known once connected
+            self.implementation = _backend.transport(impl).IMPLEMENTATION
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._reading = False
         self._dead: Optional[Exception] = None
 
-    def _bind(self) -> asyncio.AbstractEventLoop:
+    def _connected(self, sync: _client.Client) -> None:
+        self.sync = sync
+        self.path = sync.path
+        self.implementation = sync.implementation
+        self._conn = sync._conn
+
+    async def _connect(self) -> None:
+        """Finish a connect that found the backlog full (one attempt shared by every caller)."""
+        if self._connecting is None:
+            loop = asyncio.get_running_loop()
+            make = functools.partial(_client.Client, self.name, **self._connect_args)
+            self._connecting = loop.run_in_executor(None, make)
+        sync = await asyncio.shield(self._connecting)
+        if self.sync is None:
+            if self._dead is not None:  # closed while connecting
+                sync.close()
+            else:
+                self._connected(sync)
+
+    async def _bind(self) -> asyncio.AbstractEventLoop:
+        if self.sync is None:
+            await self._connect()
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
             raise RuntimeError("this machipc.aio.Client is used from another event loop")
-        if not self._reading and self._dead is None:
+        if self._dead is not None:
+            raise type(self._dead)(*self._dead.args)
+        if not self._reading:
             loop.add_reader(reader_fd(self._conn), self._on_readable)
             self._reading = True
         return loop
@@ -553,13 +586,13 @@ class Client:
     async def send(self, data, timeout: Optional[float] = _DEFAULT) -> None:
         """Send a one-way message; waits (without blocking the loop) while the server's queue is full."""
         self._check(data)
-        self._bind()
+        await self._bind()
         await _send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout))
 
     async def request(self, data, timeout: Optional[float] = _DEFAULT) -> bytes:
         """Send a request and return the reply's payload (errors as :meth:`machipc.Client.request`)."""
         self._check(data)
-        loop = self._bind()
+        loop = await self._bind()
         timeout = self._timeout(timeout)
         deadline = deadline_of(timeout)
         rid = next(self._ids)
@@ -580,9 +613,12 @@ class Client:
         if self._dead is None:
             self._gone(PeerGone("the client was closed"))
         self._stop_reading()
-        self.sync.close()
+        if self.sync is not None:
+            self.sync.close()
 
     async def __aenter__(self) -> "Client":
+        if self.sync is None:
+            await self._connect()
         return self
 
     async def __aexit__(self, *exc_info) -> None:

@@ -27,7 +27,7 @@ from .naming import find_sockets
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
-from . import arena, payload
+from . import arena, connecting, payload
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
 
 __all__ = ["Client", "Buffer"]
@@ -97,6 +97,10 @@ class Client:
     ``server_policy`` (default: the server runs as root or as this user) is
     checked against the listening process's kernel identity at connect, so a
     squatted name cannot impersonate a daemon.
+
+    Connecting waits up to ``connect_timeout`` (default: ``timeout``) while the
+    server's listen backlog is full (a connect flood; :mod:`machipc.connecting`);
+    ``connect_timeout=0`` tries once and raises IPCTimeoutError.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Client:
         server_policy: Optional[PolicyLike] = None,
         max_size: int = payload.MAX_PAYLOAD,
         arenas: bool = True,
+        connect_timeout: Optional[float] = _DEFAULT,  # type: ignore[assignment]
     ) -> None:
         self.name = name
         #: Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge.
@@ -128,7 +133,7 @@ class Client:
             mod = _backend.transport(impl)
             self.implementation = mod.IMPLEMENTATION
             self.path = ""  #: the socket connected to (machipc.naming's lookup order)
-            self._conn = mod.Conn(self._connect(directory), False, False)
+            self._conn = mod.Conn(self._connect(directory, self.timeout if connect_timeout is _DEFAULT else connect_timeout), False, False)
             self._conn.max_payload = max_size
         #: Large payloads go through a reused arena (machipc/arena.py); None: sealed memfds only.
         self._arenas = arena.ArenaSender() if arenas and hasattr(self._conn, "send_fd") else None
@@ -137,29 +142,28 @@ class Client:
         self._recv_lock = threading.Lock()
         self._dead: Optional[IPCError] = None
 
-    def _connect(self, directory: Optional[str]) -> socket.socket:
+    def _connect(self, directory: Optional[str], connect_timeout: Optional[float]) -> socket.socket:
         """Connect to the first live socket for the name (see machipc.naming for the order)."""
         stale = []
         for path in find_sockets(self.name, directory):
-            sock = self._connect_to(path)
+            sock = self._connect_to(path, connect_timeout)
             if sock is not None:
                 self.path = path
                 return self._check_server(sock)
             stale.append(path)
         raise ServiceNotFound(f"no server is listening for {self.name!r} at {' or '.join(stale)} (stale socket)")
 
-    def _connect_to(self, path: str) -> Optional[socket.socket]:
+    def _connect_to(self, path: str, connect_timeout: Optional[float]) -> Optional[socket.socket]:
         """A socket connected to ``path``, or None when nobody listens there."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
+        sock = connecting.seqpacket_socket()
         try:
-            sock.connect(path)
+            connecting.connect(sock, path, connect_timeout)
         except (ConnectionRefusedError, FileNotFoundError):
             sock.close()
             return None
-        except socket.timeout:
+        except IPCTimeoutError:
             sock.close()
-            raise IPCTimeoutError(f"connecting to {self.name!r}: the server's backlog stayed full") from None
+            raise IPCTimeoutError(f"connecting to {self.name!r}: the server's backlog stayed full for {connect_timeout} s") from None
         except OSError as exc:
             sock.close()
             raise error_from_errno(exc.errno, f"connect to {path}") from None

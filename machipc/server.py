@@ -14,12 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from . import _backend, activation
+from . import _backend, activation, connecting
 from .errors import IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
+from .ratelog import RateLimitedLog
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
 from .payload import MAX_PAYLOAD
 from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error
@@ -87,6 +88,8 @@ class Server:
         self.max_size = max_size
         self.reply_timeout = reply_timeout
         self.stats = ServerStats()
+        #: Rejection and drop warnings, at most a few per (uid, reason) every 10 s (machipc.ratelog).
+        self.rate_log = RateLimitedLog(log)
         self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
         self._closed = False
         self._stop_serving = False
@@ -205,10 +208,12 @@ class Server:
             check_socket_owner(path, (os.geteuid(),))
         except FileNotFoundError:
             return
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        probe.settimeout(1.0)
+        probe = connecting.seqpacket_socket()
         try:
-            probe.connect(path)
+            # A full backlog (a connect flood) is waited out; still full after 1 s: someone listens.
+            connecting.connect(probe, path, 1.0)
+        except IPCTimeoutError:
+            pass
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("removing stale socket %s left by a server that is gone", path)
             try:
@@ -294,15 +299,15 @@ class Server:
         if not decision.allowed:
             if self.enforce:
                 self.stats.rejected += 1
-                log.warning("rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, decision.reason)
+                self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, decision.reason)
                 if kind == _REQUEST:
                     self._answer_error(conn, request_id, ErrorCode.REJECTED, "rejected by the server's policy")
                 return None
             self.stats.would_reject += 1
-            log.warning("would reject pid %d uid %d (enforce=False): %s", pid, uid, decision.reason)
+            self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, decision.reason)
         if len(payload) > self.max_size:
             self.stats.too_large += 1
-            log.warning("dropped %d-byte message from pid %d: over max_size %d", len(payload), pid, self.max_size)
+            self.rate_log.warning(uid, "too large", "dropped %d-byte message from pid %d uid %d: over max_size %d", len(payload), pid, uid, self.max_size)
             if kind == _REQUEST:
                 self._answer_error(conn, request_id, ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes")
             return None
@@ -340,7 +345,7 @@ class Server:
             code, text = ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes"
         else:
             self.stats.dropped[reason.name] += 1
-        log.warning("dropped packet from pid %d uid %d: %s", pid, uid, text)
+        self.rate_log.warning(uid, f"dropped: {reason.name}", "dropped packet from pid %d uid %d: %s", pid, uid, text)
         if kind == Kind.REQUEST and request_id and status not in (Drop.BAD_MAGIC, Drop.NO_CREDENTIALS):
             self._answer_error(conn, request_id, code, text)
 

@@ -1,0 +1,89 @@
+"""Connecting to a listening SEQPACKET socket, waiting while its backlog is full.
+
+A non-blocking AF_UNIX ``connect()`` to a listener whose backlog is full fails
+with EAGAIN at once (never EINPROGRESS), and polling the socket tells nothing
+(it is not connecting). So ``socket.settimeout(t); connect()`` gives up after
+0 s, while blocking connectors (for instance someone flooding the server with
+``connect()/close()``) wait in the kernel and take every slot accept() frees.
+
+:func:`connect` waits the way they do: a blocking ``connect()`` bounded by
+``SO_SNDTIMEO``, which sleeps on the listener's wait queue and is woken when
+a slot frees (Linux ``net/unix/af_unix.c``: ``unix_stream_connect`` ->
+``unix_wait_for_peer``; the send timeout is the connect timeout there), retried
+on EAGAIN and EINTR until the deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Optional
+
+from .errors import IPCTimeoutError
+from .unix import deadline_of, remaining
+
+__all__ = ["connect", "seqpacket_socket"]
+
+_TIMEVAL = struct.Struct("@ll")
+_MIN_WAIT = 1e-3  # SO_SNDTIMEO of 0 means "forever": never ask for less than this
+
+
+def seqpacket_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+def connect(sock: socket.socket, path: str, timeout: Optional[float]) -> None:
+    """Connect ``sock`` (a blocking AF_UNIX socket) to ``path`` within ``timeout`` s (None: no limit).
+
+    Waits while the listener's backlog is full; ``timeout=0`` tries once.
+    Raises IPCTimeoutError when the backlog stayed full, and the OSError of
+    any other failure (ConnectionRefusedError, FileNotFoundError, ...) as is.
+    ``sock`` is left blocking with no send timeout.
+    """
+    deadline = deadline_of(timeout)
+    sock.setblocking(True)
+    try:
+        while True:
+            left = remaining(deadline)
+            if left is None:
+                wait = 0.0  # forever
+            elif left == 0.0:
+                wait = -1.0  # one non-blocking attempt
+            else:
+                wait = max(left, _MIN_WAIT)
+            if _attempt(sock, path, wait):
+                return
+            if deadline is not None and remaining(deadline) == 0.0:
+                raise IPCTimeoutError(f"connecting to {path}: the server's backlog stayed full for {timeout} s")
+    finally:
+        sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+
+
+def _attempt(sock: socket.socket, path: str, wait: float) -> bool:
+    """One connect(): True when connected, False when the backlog was full (or a signal came)."""
+    if wait < 0:
+        sock.setblocking(False)
+    else:
+        secs = int(wait)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(secs, int((wait - secs) * 1e6)))
+    try:
+        sock.connect(path)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EINTR):
+            return False
+        raise
+    finally:
+        sock.setblocking(True)
+    # CPython answers EINTR on a blocking connect by polling the socket and reading
+    # SO_ERROR, which reports success for an AF_UNIX socket that never connected.
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise
+    return True
