@@ -48,7 +48,8 @@ CONTROL = 4096
 #: The packet body of an ARENA packet: arena id, reserved, offset in the ring, release position.
 REF = struct.Struct("<IIQQ")
 RELEASE = struct.Struct("<Q")
-ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: Linux only, like every memfd path (see payload.HAVE_SEALED_MEMFD): None on macOS.
+ARENA_SEALS = (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) if hasattr(fcntl, "F_ADD_SEALS") else None
 #: Arenas a receiver keeps per connection; more is a misbehaving peer.
 MAX_ARENAS = 4
 #: Smallest arena made (bytes of ring); a bigger payload gets twice its size.

@@ -139,6 +139,27 @@ def MACH_RCV_TRAILER_ELEMENTS(x: int) -> int:
 #: The receive option bits asking for the audit trailer.
 RCV_TRAILER_OPTIONS = MACH_RCV_TRAILER_TYPE(MACH_MSG_TRAILER_FORMAT_0) | MACH_RCV_TRAILER_ELEMENTS(MACH_RCV_TRAILER_AUDIT)
 
+# mach_msg() options (<mach/message.h>). machipc passes MACH_RCV_INTERRUPT and
+# MACH_SEND_INTERRUPT: without them libsyscall's mach_msg() restarts an interrupted
+# wait itself (``while (mr == MACH_RCV_INTERRUPTED)``, libsyscall/mach/mach_msg.c),
+# so Python signal handlers (SIGTERM -> Server.stop) could not run until a message came.
+MACH_MSG_SUCCESS = 0
+MACH_SEND_MSG = 0x00000001
+MACH_RCV_MSG = 0x00000002
+MACH_RCV_LARGE = 0x00000004
+MACH_SEND_TIMEOUT = 0x00000010
+MACH_SEND_INTERRUPT = 0x00000040
+MACH_RCV_TIMEOUT = 0x00000100
+MACH_RCV_INTERRUPT = 0x00000400
+#: What _mach.pyx passes to every receive (plus MACH_RCV_TIMEOUT with a timeout).
+RECV_OPTIONS = MACH_RCV_MSG | MACH_RCV_LARGE | MACH_RCV_INTERRUPT | RCV_TRAILER_OPTIONS
+#: What _mach.pyx passes to every send (plus MACH_SEND_TIMEOUT with a timeout).
+SEND_OPTIONS = MACH_SEND_MSG | MACH_SEND_INTERRUPT
+#: Bits a failed mach_msg() may or into its return code (MACH_MSG_IPC_SPACE, VM_SPACE,
+#: IPC_KERNEL, VM_KERNEL: <mach/message.h>); classify errors with ``kr & ~MACH_MSG_MASK``.
+MACH_MSG_MASK = 0x00003E00
+MACH_MSG_IPC_SPACE = 0x00002000
+
 MACH_NOTIFY_NO_SENDERS = 70
 MACH_NOTIFY_SEND_ONCE = 71
 MACH_NOTIFY_DEAD_NAME = 72
@@ -502,15 +523,126 @@ _KERN_CLASSES: dict[int, type[IPCError]] = {
 }
 
 
+KERN_CODES = _NAME_CODES  # name -> value
+
+
+def timeout_ms(seconds: float) -> int:
+    """Seconds to a mach_msg timeout in ms, rounded up (0 < t < 1 ms still waits), capped
+    at 2**32 - 2 (the .pyx's ``_ms`` does the same in C)."""
+    if seconds <= 0:
+        return 0
+    ms = seconds * 1000.0
+    if ms >= 4294967294.0:
+        return 4294967294
+    t = int(ms)
+    return t + 1 if t < ms else t
+
+
+def send_needs_destroy(kr: int) -> bool:
+    """After a failed send, does the header hold rights or memory to release?
+
+    MACH_SEND_INVALID_DEST, _TIMED_OUT and _INTERRUPTED come back after copy-in with
+    the message pseudo-received (xnu osfmk/ipc/mach_msg.c ``mr |=
+    mach_msg_receive_pseudo(...)``), possibly with MACH_MSG_MASK bits or-ed in, so the
+    code is masked first. (INVALID_DEST can also come before copy-in with the header
+    untouched; destroying that is balanced too: only MOVE_* bits release anything.)
+    """
+    return (kr & ~MACH_MSG_MASK) in (MACH_SEND_INVALID_DEST, MACH_SEND_TIMED_OUT, MACH_SEND_INTERRUPTED)
+
+
+def local_right_to_release(header) -> int:
+    """The name in ``msgh_local_port`` that ``mach_msg_destroy`` leaves behind, or 0.
+
+    ipc_kmsg_copyout_pseudo (xnu osfmk/ipc/ipc_kmsg.c) puts a failed send's reply right
+    back into msgh_local_port *unswapped* (a MAKE_SEND_ONCE reply is now a send-once
+    right, bits MOVE_SEND_ONCE), and libsyscall's mach_msg_destroy never touches that
+    field ("The msgh_local_port field doesn't hold a port right", mach_msg.c), so the
+    sender must release it or leak one name per failed request.
+    """
+    bits, _size, _remote, local, _voucher, _id = MSG_HEADER.unpack_from(header, 0)
+    ltype = (bits & MACH_MSGH_BITS_LOCAL_MASK) >> 8
+    return local if local and ltype in (MACH_MSG_TYPE_MOVE_SEND, MACH_MSG_TYPE_MOVE_SEND_ONCE) else 0
+
+
+#: Receiver-side size of each kernel-written descriptor type (64-bit; <mach/message.h>).
+_DESCRIPTOR_SIZES = {
+    MACH_MSG_PORT_DESCRIPTOR: PORT_DESCRIPTOR_SIZE,
+    MACH_MSG_OOL_DESCRIPTOR: OOL_DESCRIPTOR_SIZE,
+    MACH_MSG_OOL_PORTS_DESCRIPTOR: OOL_DESCRIPTOR_SIZE,
+    MACH_MSG_OOL_VOLATILE_DESCRIPTOR: OOL_DESCRIPTOR_SIZE,
+    MACH_MSG_GUARDED_PORT_DESCRIPTOR: OOL_DESCRIPTOR_SIZE,
+}
+
+
+def take_regions(buf) -> list[tuple[int, int]]:
+    """Take every out-of-line region out of a received message about to be destroyed.
+
+    Returns ``[(address, size), ...]`` for each OOL and OOL_VOLATILE descriptor the
+    kernel wrote (walked within ``msgh_size``) and zeroes their ``size`` and
+    ``deallocate`` in ``buf`` (writable), so the caller ``vm_deallocate``s each region
+    once and ``mach_msg_destroy`` skips them. Needed because the kernel sets a received
+    descriptor's ``deallocate`` only for MACH_MSG_VIRTUAL_COPY (ipc_kmsg_copyout_ool_descriptor,
+    xnu osfmk/ipc/ipc_kmsg.c) and mach_msg_destroy frees only ``if (dsc->deallocate)`` and
+    skips volatile descriptors (libsyscall/mach/mach_msg.c): a sender choosing
+    MACH_MSG_PHYSICAL_COPY or the volatile type would otherwise leave the region mapped.
+    """
+    view = memoryview(buf).cast("B")
+    if len(view) < OFF_FIRST_DESCRIPTOR:
+        return []
+    bits, size = MSG_HEADER.unpack_from(view, 0)[:2]
+    if not bits & MACH_MSGH_BITS_COMPLEX:
+        return []
+    size = min(size, len(view))
+    count = _U32.unpack_from(view, OFF_DESCRIPTOR_COUNT)[0]
+    regions = []
+    off = OFF_FIRST_DESCRIPTOR
+    for _ in range(count):
+        if off + PORT_DESCRIPTOR_SIZE > size:
+            break
+        dtype = view[off + OFF_OOL_TYPE]
+        dsize = _DESCRIPTOR_SIZES.get(dtype)
+        if dsize is None or off + dsize > size:
+            break
+        if dtype in (MACH_MSG_OOL_DESCRIPTOR, MACH_MSG_OOL_VOLATILE_DESCRIPTOR):
+            address = _U64.unpack_from(view, off + OFF_OOL_ADDRESS)[0]
+            length = _U32.unpack_from(view, off + OFF_OOL_SIZE)[0]
+            if address and length:
+                regions.append((address, length))
+            view[off + OFF_OOL_DEALLOCATE] = 0
+            _U32.pack_into(view, off + OFF_OOL_SIZE, 0)
+        off += dsize
+    return regions
+
+
+class SendInterrupted(IPCError):
+    """MACH_SEND_INTERRUPTED: a signal came while the send waited; handlers have run and
+    the message was not sent (machipc.mach retries it for the time left, PEP 475-style)."""
+
+
+def send_error(kr: int, timeout) -> IPCError:
+    """The exception for a failed send's return code (MACH_MSG_MASK bits ignored)."""
+    base = kr & ~MACH_MSG_MASK
+    if base == MACH_SEND_TIMED_OUT:
+        exc: IPCError = IPCTimeoutError(f"send: the receiver's queue stayed full for {timeout} s ({kern_name(kr)})")
+    elif base == MACH_SEND_INVALID_DEST:
+        exc = PeerGone(f"send: the receiver is gone ({kern_name(kr)})")
+    elif base == MACH_SEND_INTERRUPTED:
+        exc = SendInterrupted(f"send: interrupted by a signal ({kern_name(kr)})")
+    else:
+        return kern_error(kr, "mach_msg(send)")
+    exc.kern_return = kr  # type: ignore[attr-defined]
+    return exc
+
+
 def kern_name(kr: int) -> str:
     """``"MACH_SEND_INVALID_DEST (0x10000003)"`` for a kern_return_t / bootstrap code."""
-    name = KERN_NAMES.get(kr)
+    name = KERN_NAMES.get(kr & ~MACH_MSG_MASK if kr & 0x10000000 else kr)
     return f"{name} ({kr:#x})" if name else f"kern_return_t {kr:#x}"
 
 
 def kern_error(kr: int, what: str) -> IPCError:
     """Turn a ``kern_return_t`` (or bootstrap code) into the matching machipc exception."""
-    exc = _KERN_CLASSES.get(kr, IPCError)(f"{what}: {kern_name(kr)}")
+    exc = _KERN_CLASSES.get(kr & ~MACH_MSG_MASK if kr & 0x10000000 else kr, IPCError)(f"{what}: {kern_name(kr)}")
     exc.kern_return = kr  # type: ignore[attr-defined]
     return exc
 

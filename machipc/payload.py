@@ -35,8 +35,14 @@ __all__ = ["MAX_PAYLOAD", "REQUIRED_SEALS", "LoanBuffer", "loan", "sealed_memfd"
 
 #: Default largest payload a server or client accepts (both configurable with ``max_size=``).
 MAX_PAYLOAD = 64 * 1024 * 1024
-REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-_MEMFD_FLAGS = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+#: Sealed memfds exist on Linux only: CPython defines ``os.memfd_create``/``MFD_*`` only
+#: ``#ifdef HAVE_MEMFD_CREATE`` (Modules/posixmodule.c) and ``fcntl.F_SEAL_*`` only
+#: ``#ifdef F_ADD_SEALS`` (Modules/fcntlmodule.c). Elsewhere (macOS) the Mach transport
+#: carries large payloads out of line and loaned buffers are anonymous mappings.
+HAVE_SEALED_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+if HAVE_SEALED_MEMFD:
+    REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    _MEMFD_FLAGS = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
 _MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
 
 Payload = Union[bytes, bytearray, memoryview, "LoanBuffer"]
@@ -46,21 +52,23 @@ class LoanBuffer(mmap.mmap):
     """A writable buffer the payload is built in place, then sent without a copy.
 
     Made by :func:`loan` (``Client.buffer(size)``, ``Message.buffer(size)``).
-    Sending it seals the memory: it can be sent once, and memoryviews taken
-    of it must be released first.
+    On Linux it is a memfd that sending seals; on macOS an anonymous mapping the
+    Mach transport sends as one copy-on-write out-of-line region. Either way it
+    can be sent once, and memoryviews taken of it must be released first.
     """
 
-    fd: int = -1
+    fd: int = -1  # the memfd (Linux); -1 for an anonymous mapping
+    sent: bool = False
 
     def seal(self) -> int:
         """Unmap, seal and return the memfd (the caller sends and closes it)."""
-        fd, self.fd = self.fd, -1
-        if fd < 0:
+        if self.sent:
             raise InvalidArgument("this loaned buffer was already sent")
+        fd, self.fd, self.sent = self.fd, -1, True
         try:
             self.close()
         except BufferError:
-            self.fd = fd
+            self.fd, self.sent = fd, False
             raise InvalidArgument("release every memoryview of the loaned buffer before sending it") from None
         # F_SEAL_WRITE fails while a writable shared mapping exists: the close above matters.
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
@@ -68,7 +76,7 @@ class LoanBuffer(mmap.mmap):
 
     def discard(self) -> None:
         """Free the buffer without sending it (idempotent)."""
-        fd, self.fd = self.fd, -1
+        fd, self.fd, self.sent = self.fd, -1, True
         if fd >= 0:
             os.close(fd)
         if not self.closed:
@@ -85,9 +93,12 @@ class LoanBuffer(mmap.mmap):
 
 
 def loan(size: int, limit: int = MAX_PAYLOAD) -> LoanBuffer:
-    """A ``size``-byte writable buffer backed by a fresh memfd, pages pre-faulted."""
+    """A ``size``-byte writable buffer backed by a fresh memfd, pages pre-faulted
+    (an anonymous mapping where there are no sealed memfds: macOS)."""
     if not 0 < size <= limit:
         raise MessageTooLarge(f"a loaned buffer must hold 1 to {limit} bytes, not {size}")
+    if not HAVE_SEALED_MEMFD:
+        return LoanBuffer(-1, size)
     fd = os.memfd_create("machipc-loan", _MEMFD_FLAGS)
     try:
         os.ftruncate(fd, size)
@@ -147,7 +158,7 @@ def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryvi
 def size_of(data: Payload) -> int:
     """Payload size in bytes (a memoryview's ``nbytes``; a sent loan is an error)."""
     if isinstance(data, LoanBuffer):
-        if data.fd < 0:
+        if data.sent:
             raise InvalidArgument("this loaned buffer was already sent")
         return len(data)
     return data.nbytes if isinstance(data, memoryview) else len(data)
@@ -174,7 +185,12 @@ def send(conn, kind: int, request_id: int, data: Payload, timeout: Optional[floa
         return
     send_fd = getattr(conn, "send_fd", None)
     if send_fd is None:  # the Mach transport carries large payloads out of line itself
+        loaned = isinstance(data, LoanBuffer)
+        if loaned and data.sent:
+            raise InvalidArgument("this loaned buffer was already sent")
         conn.send(kind, request_id, data, timeout)
+        if loaned:
+            data.discard()  # the kernel sent a copy-on-write snapshot: sent once, as on Linux
         return
     size = size_of(data)
     if arenas is not None and INLINE_MAX < size <= limit and not isinstance(data, LoanBuffer) and arenas.usable(size):

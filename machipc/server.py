@@ -473,6 +473,10 @@ class Server:
                 pass
             self._inode = None
             return
+        if self._listen_fd < 0:
+            # Mach: there is no listener to take out (and select.epoll does not exist on
+            # macOS); the bootstrap name goes when close() destroys the receive right.
+            return
         # Socket activation: the manager still holds the listener, so connections
         # queued now are kept for the next start; stop accepting them here by
         # taking the listener out of the transport's epoll set (through a dup of

@@ -1,0 +1,1 @@
+"""The simulated-macOS test mode: see darwin.py and tests/test_macos_sim.py."""
