@@ -27,6 +27,7 @@ import sys
 from typing import Optional, Sequence, Union
 
 from .errors import NotPermitted, PeerGone, error_from_errno
+from .procident import UNKNOWN_GONE, ProcessIdentity
 
 __all__ = [
     "Peer",
@@ -49,8 +50,6 @@ GUARD_PIDVERSION = "pidversion"
 #: No guard could be had (e.g. the sender is already gone).
 GUARD_NONE = "none"
 
-#: Reason given when an identity attribute is asked of a sender that has exited.
-UNKNOWN_GONE = "unknown: the sender exited before its identity could be read"
 
 LINUX = sys.platform.startswith("linux")
 MACOS = sys.platform == "darwin"
@@ -152,14 +151,15 @@ def _sha256_fd(fd: int, st: os.stat_result) -> str:
     return digest
 
 
-class Peer:
+class Peer(ProcessIdentity):
     """The process on the other end of a message.
 
     ``pid``, ``uid`` and ``gid`` come from the kernel and cannot be forged by the
     sender. ``guard`` distinguishes this process from a later one that reuses the
     pid; ``key`` = ``(pid, guard)`` identifies the process for caches.
 
-    ``exe``, ``exe_id``, ``exe_sha256``, ``code_identifier`` and ``team_id`` are
+    ``exe``, ``exe_id``, ``exe_sha256``, ``code_identifier``, ``team_id`` and
+    (Linux, :mod:`machipc.procident`) ``cgroup``, ``unit`` and ``security_label`` are
     read lazily and race-free; each is None when it cannot be known for this
     very process, and :attr:`unknown_reason` then says why (the sender exited,
     its ``/proc/<pid>/exe`` is unreadable, the platform lacks it, ...).
@@ -205,6 +205,7 @@ class Peer:
         self._signing: Optional[dict] = None
         #: Why the last identity attribute asked for is None (None when all were known).
         self.unknown_reason: Optional[str] = None
+        self._init_identity()
 
     @classmethod
     def from_pidfd(cls, pid: int, uid: int, gid: int, pidfd: int, inode: int = 0) -> "Peer":
@@ -437,7 +438,8 @@ class Peer:
     # -- lifetime --------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the pidfd (idempotent)."""
+        """Release the pidfd and the /proc files held for this process (idempotent)."""
+        self._close_identity()
         fd, self._pidfd = self._pidfd, -1
         if fd >= 0:
             os.close(fd)

@@ -320,7 +320,7 @@ class Server:
             peer = pidfd
         elif pidfd == SAME_PEER:
             entry = self._peers[conn.id]
-            if self._decisions.exe_based:  # execve() keeps pid and pidfd: re-check the program
+            if self._decisions.volatile:  # execve(), a cgroup move, a new label keep pid and pidfd: re-check
                 entry = self._peers[conn.id] = (entry[0], self._decisions.decide(entry[0]))
             return entry
         else:

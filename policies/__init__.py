@@ -17,11 +17,15 @@ from .base import (
     as_policy,
     evaluate,
     is_exe_based,
+    uses_cgroup,
+    uses_label,
 )
 from .cache import DecisionCache
 from .code_signature import CodeSignature
 from .config import PolicyFileError, load, loads
 from .same_directory import SameDirectory
+from .security_label import SecurityLabel
+from .systemd_unit import Cgroup, SystemdUnit
 
 __all__ = [
     "Decision",
@@ -35,6 +39,9 @@ __all__ = [
     "SameDirectory",
     "CodeSignature",
     "Allowlist",
+    "SystemdUnit",
+    "Cgroup",
+    "SecurityLabel",
     "DecisionCache",
     "load",
     "loads",
@@ -42,4 +49,6 @@ __all__ = [
     "as_policy",
     "evaluate",
     "is_exe_based",
+    "uses_cgroup",
+    "uses_label",
 ]

@@ -28,6 +28,8 @@ __all__ = [
     "Not",
     "as_policy",
     "is_exe_based",
+    "uses_cgroup",
+    "uses_label",
 ]
 
 log = logging.getLogger("machipc.policies")
@@ -59,9 +61,14 @@ class Policy:
     (path, digest, code signature). On Linux a process keeps its pid and pidfd
     across ``execve()``, so a cached decision of such a policy is only reused
     while the process still runs the same file (see ``DecisionCache``).
+    ``uses_cgroup`` and ``uses_label`` say the same of the cgroup (and the
+    systemd unit derived from it) and of the LSM label: a process can move
+    between cgroups and change label without changing pid.
     """
 
     uses_exe = False
+    uses_cgroup = False
+    uses_label = False
 
     def check(self, peer: "Peer") -> Decision:
         raise NotImplementedError
@@ -95,6 +102,16 @@ def is_exe_based(policy: PolicyLike) -> bool:
     A plain callable might look at anything, so it counts as exe-based.
     """
     return bool(getattr(policy, "uses_exe", True))
+
+
+def uses_cgroup(policy: PolicyLike) -> bool:
+    """Whether ``policy``'s decision can change when the sender moves to another cgroup (a plain callable: yes)."""
+    return bool(getattr(policy, "uses_cgroup", True))
+
+
+def uses_label(policy: PolicyLike) -> bool:
+    """Whether ``policy``'s decision can change with the sender's LSM label (a plain callable: yes)."""
+    return bool(getattr(policy, "uses_label", True))
 
 
 def evaluate(policy: PolicyLike, peer: "Peer") -> Decision:
@@ -151,6 +168,8 @@ class _Combination(Policy):
             raise ValueError(f"{type(self).__name__} needs at least one policy")
         self.policies = tuple(as_policy(p) for p in policies)
         self.uses_exe = any(is_exe_based(p) for p in self.policies)
+        self.uses_cgroup = any(uses_cgroup(p) for p in self.policies)
+        self.uses_label = any(uses_label(p) for p in self.policies)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}{self.policies!r}"
@@ -188,6 +207,8 @@ class Not(Policy):
     def __init__(self, policy: PolicyLike) -> None:
         self.policy = as_policy(policy)
         self.uses_exe = is_exe_based(self.policy)
+        self.uses_cgroup = uses_cgroup(self.policy)
+        self.uses_label = uses_label(self.policy)
 
     def check(self, peer: "Peer") -> Decision:
         d = evaluate(self.policy, peer)

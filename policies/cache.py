@@ -11,7 +11,10 @@ decision, and uid/gid are in it because a process can change credentials
 (``setuid()``, a set-uid exec) without changing pid. For exe-based policies
 the executable's ``(dev, inode)``, read afresh and race-free on every lookup,
 joins the key: on Linux ``execve()`` keeps the pid and the pidfd, and a
-decision about the old program must not be reused for the new one.
+decision about the old program must not be reused for the new one. Likewise
+the cgroup path (for policies that look at the cgroup or systemd unit; one
+``pread`` of a held ``/proc/PID/cgroup``) and the LSM label: a process can
+move within a delegated cgroup subtree, or change label, without exec.
 
 Entries of processes that have exited are dropped lazily: when the cache is
 full, and at most every ``sweep_interval`` seconds when something is added.
@@ -19,17 +22,21 @@ full, and at most every ``sweep_interval`` seconds when something is added.
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from machipc.peer import process_alive
 
-from .base import Decision, PolicyLike, as_policy, evaluate, is_exe_based
+from .base import Decision, PolicyLike, as_policy, evaluate, is_exe_based, uses_cgroup, uses_label
 
 if TYPE_CHECKING:
     from machipc.peer import Peer
 
 __all__ = ["DecisionCache"]
+
+# Elsewhere there are no cgroups or /proc labels: policies naming them deny, always alike.
+_LINUX = sys.platform.startswith("linux")
 
 
 class DecisionCache:
@@ -41,6 +48,12 @@ class DecisionCache:
         self.policy = as_policy(policy)
         #: True when the policy looks at the executable (the key then includes it).
         self.exe_based = is_exe_based(self.policy)
+        #: True when the policy looks at the cgroup / systemd unit (the key then includes the cgroup path).
+        self.cgroup_based = _LINUX and uses_cgroup(self.policy)
+        #: True when the policy looks at the LSM label (the key then includes it).
+        self.label_based = _LINUX and uses_label(self.policy)
+        #: True when a decision can change while pid, pidfd and credentials stay (re-ask per packet).
+        self.volatile = self.exe_based or self.cgroup_based or self.label_based
         self.maxsize = maxsize
         self.sweep_interval = sweep_interval
         self.evaluations = 0  #: how many times the policy itself ran
@@ -52,21 +65,40 @@ class DecisionCache:
         guard = peer.guard
         if guard is None:  # nothing pins the process: its identity cannot key a cache
             return self._evaluate(peer)
-        if self.exe_based:
-            exe_id = peer.refresh_exe()
-            if exe_id is None:  # gone or unreadable: the policy says why; not cached
+        if self.volatile:
+            now = self._read(peer)
+            if now is None:  # gone or unreadable: the policy says why; not cached
                 return self._evaluate(peer)
-            key: tuple = (peer.pid, guard, peer.uid, peer.gid, exe_id)
+            key: tuple = (peer.pid, guard, peer.uid, peer.gid, now)
         else:
             key = (peer.pid, guard, peer.uid, peer.gid)
         entry = self._entries.get(key)
         if entry is not None:
             return entry[0]
         decision = self._evaluate(peer)
-        if self.exe_based and peer._exe_id != key[4]:
+        if self.volatile and self._held(peer) != key[4]:
             return decision  # the snapshot changed under the policy: do not remember it
         self._store(key, decision, peer.guard_kind)
         return decision
+
+    def _read(self, peer: "Peer") -> Optional[tuple]:
+        """The attributes the policy looks at, read afresh (None when one cannot be known)."""
+        exe_id = cgroup = label = None
+        if self.exe_based and (exe_id := peer.refresh_exe()) is None:
+            return None
+        if self.cgroup_based and (cgroup := peer.refresh_cgroup()) is None:
+            return None
+        if self.label_based and (label := peer.refresh_label()) is None:
+            return None
+        return (exe_id, cgroup, label)
+
+    def _held(self, peer: "Peer") -> tuple:
+        """The same attributes as the Peer holds them now (after the policy ran), without reading."""
+        return (
+            peer._exe_id if self.exe_based else None,
+            peer._cgroup[1] if self.cgroup_based and peer._cgroup is not None else None,
+            peer._label if self.label_based else None,
+        )
 
     __call__ = decide
 

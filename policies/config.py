@@ -14,8 +14,10 @@ Keys: ``same_user`` (true, or ``{ uid = N }``), ``same_directory`` (true for
 the server's own directory, or a path), ``code_signature`` (``"like_me"``, or
 a table of ``requirement``/``identifier``/``team_id``/``cdhash``),
 ``allowlist`` (a table of ``uids``, ``gids``, ``executables``, ``sha256``,
-``team_ids``, ``identifiers``), ``allow_all`` (true), ``all_of`` / ``any_of``
-(arrays of policies) and ``not`` (a policy).
+``team_ids``, ``identifiers``), ``systemd_unit`` (unit names), ``cgroup``
+(cgroup paths), ``security_label`` (LSM labels) -- each a string or an array
+of strings --, ``allow_all`` (true), ``all_of`` / ``any_of`` (arrays of
+policies) and ``not`` (a policy).
 
 Errors name the file, the line when it can be found, and the key path
 (``policy.any_of[1].code_signature.team_id``).
@@ -39,6 +41,8 @@ from .allowlist import Allowlist
 from .base import AllOf, AllowAll, AnyOf, Not, Policy, SameUser
 from .code_signature import CodeSignature
 from .same_directory import SameDirectory
+from .security_label import SecurityLabel
+from .systemd_unit import Cgroup, SystemdUnit
 
 __all__ = ["load", "loads", "PolicyFileError"]
 
@@ -190,6 +194,23 @@ def _allowlist(ld: _Loader, value: Any, at: Path) -> Policy:
     return ld.construct(at, Allowlist, **kwargs)
 
 
+def _names(factory: Callable[..., Policy]) -> Callable[[_Loader, Any, Path], Policy]:
+    """A policy built from one string or a non-empty array of strings."""
+
+    def build(ld: _Loader, value: Any, at: Path) -> Policy:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ld.fail(at, f"expected a string or a non-empty array of strings, not {_show(value)}")
+        ld.list_of(value, at, str)
+        try:
+            return factory(*value)
+        except ValueError as exc:
+            raise ld.fail(at, str(exc)) from None
+
+    return build
+
+
 def _combination(cls: type) -> Callable[[_Loader, Any, Path], Policy]:
     def build(ld: _Loader, value: Any, at: Path) -> Policy:
         if not isinstance(value, list) or not value:
@@ -209,6 +230,9 @@ _BUILDERS: dict[str, Callable[[_Loader, Any, Path], Policy]] = {
     "same_directory": _same_directory,
     "code_signature": _code_signature,
     "allowlist": _allowlist,
+    "systemd_unit": _names(SystemdUnit),
+    "cgroup": _names(Cgroup),
+    "security_label": _names(SecurityLabel),
     "all_of": _combination(AllOf),
     "any_of": _combination(AnyOf),
     "not": _not,
