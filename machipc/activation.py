@@ -198,6 +198,13 @@ def notify(state: str) -> bool:
 # -- unit files ---------------------------------------------------------------
 
 
+def _check_exec(exec_start: str, who: str) -> None:
+    if not exec_start.strip():
+        raise InvalidArgument(f"--exec must name the {who}'s command line")
+    if "\n" in exec_start:
+        raise InvalidArgument("--exec must be one line")
+
+
 def unit_files(
     name: str,
     exec_start: str,
@@ -217,10 +224,7 @@ def unit_files(
     first packet (before the daemon can set ``SO_PASSCRED`` itself).
     """
     validate_name(name)
-    if not exec_start.strip():
-        raise InvalidArgument("--exec must name the daemon's command line")
-    if "\n" in exec_start:
-        raise InvalidArgument("--exec must be one line")
+    _check_exec(exec_start, "daemon")
     if path is None:
         path = os.path.join(os.environ.get("MACHIPC_RUNTIME_DIR") or system_dir(), name)
     if not os.path.isabs(path):
@@ -263,6 +267,49 @@ def unit_files(
         "Also={unit}.socket\n".replace("{unit}", unit)
     )
     return {f"{unit}.socket": socket_unit, f"{unit}.service": service_unit}
+
+
+def client_unit_file(
+    name: str,
+    client: str,
+    exec_start: str,
+    *,
+    user: Optional[str] = None,
+    unit: Optional[str] = None,
+    description: Optional[str] = None,
+) -> dict[str, str]:
+    """The ``.service`` text for a client of service ``name`` (filename -> text).
+
+    ``client`` is the unit's name (``backup`` or ``backup.service``): the
+    name the daemon's ``SystemdUnit`` policy allows, since systemd starts
+    the client in the cgroup of that unit and no other process can enter it
+    (see docs/daemons.md). ``unit`` is the daemon's unit base name (default
+    ``name``), whose socket the client wants and is ordered after.
+    """
+    from .cgroup import valid_unit_name
+
+    validate_name(name)
+    client_unit = client if client.endswith(".service") else f"{client}.service"
+    if "@" in client_unit or "/" in client_unit or not valid_unit_name(client_unit):
+        raise InvalidArgument(f"--client must be a plain service name like backup or backup.service, not {client!r}")
+    _check_exec(exec_start, "client")
+    unit = unit or name
+    description = description or f"machipc client of {name}"
+    text = (
+        "[Unit]\n"
+        f"Description={description}\n"
+        f"Wants={unit}.socket\n"
+        f"After={unit}.socket\n"
+        "\n"
+        "[Service]\n"
+        f"# The daemon trusts this unit by name: SystemdUnit(\"{client_unit}\"), or in its policy file\n"
+        f"#   [policy]\n#   systemd_unit = \"{client_unit}\"\n"
+        "Type=simple\n"
+        f"ExecStart={exec_start}\n"
+        + (f"User={user}\n" if user else "")
+        + "NoNewPrivileges=yes\n"
+    )
+    return {client_unit: text}
 
 
 def write_units(directory: str, files: dict[str, str], *, force: bool = False) -> list[str]:

@@ -52,16 +52,23 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_unit(args: argparse.Namespace) -> int:
-    from .activation import unit_files, write_units
+    from .activation import client_unit_file, unit_files, write_units
 
-    files = unit_files(args.name, args.exec, path=args.path, mode=int(args.mode, 8), user=args.user, unit=args.unit)
+    if args.client:
+        files = client_unit_file(args.name, args.client, args.exec, user=args.user, unit=args.unit)
+        then = f"systemctl daemon-reload && systemctl start {next(iter(files))}"
+    else:
+        files = unit_files(args.name, args.exec, path=args.path, mode=int(args.mode, 8), user=args.user, unit=args.unit)
+        then = f"systemctl daemon-reload && systemctl enable --now {args.unit or args.name}.socket"
     if args.output == "-":
         for filename, text in files.items():
             sys.stdout.write(f"# {filename}\n{text}\n")
         return 0
     for target in write_units(args.output, files, force=args.force):
         print(f"wrote {target}")
-    print(f"then: systemctl daemon-reload && systemctl enable --now {args.unit or args.name}.socket")
+    print(f"then: {then}")
+    if args.client:
+        print(f'the daemon allows it with: SystemdUnit("{next(iter(files))}")')
     return 0
 
 
@@ -108,12 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("unit", help="write NAME.socket and NAME.service for systemd socket activation")
+    p = sub.add_parser(
+        "unit",
+        help="write NAME.socket and NAME.service for systemd socket activation, or with --client a client's service",
+    )
     p.add_argument("name", help="service name, e.g. org.example.echo")
-    p.add_argument("--exec", required=True, help="the daemon's command line (ExecStart=)")
+    p.add_argument("--exec", required=True, help="the daemon's (or with --client, the client's) command line (ExecStart=)")
+    p.add_argument(
+        "--client",
+        metavar="UNIT",
+        help="write UNIT.service for a client of NAME instead; the daemon's SystemdUnit policy names UNIT.service",
+    )
     p.add_argument("--path", help="socket path (default /run/machipc/NAME, or $MACHIPC_RUNTIME_DIR/NAME)")
     p.add_argument("--mode", default="0666", help="SocketMode= in octal (default 0666: the policy is the gate)")
-    p.add_argument("--user", help="User= to run the daemon as")
+    p.add_argument("--user", help="User= to run the daemon (or client) as")
     p.add_argument("--unit", help="unit file base name (default NAME)")
     p.add_argument("--output", "-o", default=".", help="directory to write to, or - for stdout (default .)")
     p.add_argument("--force", action="store_true", help="overwrite existing unit files")

@@ -280,3 +280,26 @@ def test_systemd_socket_activate_sigterm_loses_nothing(impl, sockdir):
         assert act.proc.wait(15) == 0
     finally:
         act.close()
+
+
+def test_client_unit_file(tmp_path, capsys):
+    """The client's unit is named what the daemon's SystemdUnit policy allows."""
+    files = activation.client_unit_file("org.example.x", "backup", "/usr/bin/backup --now", user="bk")
+    assert list(files) == ["backup.service"]
+    text = files["backup.service"]
+    assert "ExecStart=/usr/bin/backup --now\n" in text and "User=bk\n" in text
+    assert "Wants=org.example.x.socket\n" in text and "After=org.example.x.socket\n" in text
+    assert 'systemd_unit = "backup.service"' in text
+    assert list(activation.client_unit_file("org.example.x", "backup.service", "/b", unit="xd")) == ["backup.service"]
+    assert "After=xd.socket\n" in activation.client_unit_file("org.example.x", "backup", "/b", unit="xd")["backup.service"]
+    for bad in ("a@b", "a/b", "", "bäd", "a b"):
+        with pytest.raises(machipc.InvalidArgument):
+            activation.client_unit_file("org.example.x", bad, "/b")
+    with pytest.raises(machipc.InvalidArgument):
+        activation.client_unit_file("org.example.x", "backup", "/b\nExecStartPre=/bin/evil")
+    assert cli.main(["unit", "org.example.x", "--client", "backup", "--exec", "/usr/bin/b", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "backup.service").exists() and 'SystemdUnit("backup.service")' in out
+    from machipc.policies import SystemdUnit, loads
+
+    assert loads('[policy]\nsystemd_unit = "backup.service"\n').names == SystemdUnit("backup.service").names
