@@ -472,12 +472,16 @@ def peer_of(sock: Union[socket.socket, int]) -> Peer:
 
     macOS: ``LOCAL_PEERTOKEN`` (the audit token, so pid + pidversion), with
     ``LOCAL_PEERCRED`` + ``LOCAL_PEERPID`` only when the token is unavailable.
+
+    Linux also records ``SO_PEERSEC`` as ``peer.socket_label`` (where an LSM gives one).
     """
     fd = sock if isinstance(sock, int) else sock.fileno()
     s = socket.socket(fileno=fd) if isinstance(sock, int) else sock
     try:
         if LINUX:
-            return _peer_of_linux(s)
+            peer = _peer_of_linux(s)
+            peer.read_socket_label(s)
+            return peer
         if MACOS:
             return _peer_of_macos(s)
         raise NotImplementedError(f"peer_of is not supported on {sys.platform}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import sys
 from typing import Optional
 
@@ -68,9 +69,13 @@ class ProcessIdentity:
     this very process; ``unknown_reason`` then says why.
     """
 
-    __slots__ = ("_cgroup_file", "_cgroup", "_label_file", "_label")
+    __slots__ = ("_cgroup_file", "_cgroup", "_label_file", "_label", "socket_label")
 
     def _init_identity(self) -> None:
+        #: ``SO_PEERSEC`` of the socket this Peer came from (:func:`machipc.peer_of`), or None:
+        #: the label of the process that created the other end, as of ``connect()``.
+        #: Informational; ``SecurityLabel`` judges the sender's current :attr:`security_label`.
+        self.socket_label: Optional[str] = None
         self._cgroup_file: Optional[_Pinned] = None
         self._cgroup: Optional[tuple[str, str]] = None  # (hierarchy, path)
         self._label_file: Optional[_Pinned] = None
@@ -119,6 +124,13 @@ class ProcessIdentity:
             if exc.errno == errno.ESRCH:
                 return self._unknown(UNKNOWN_GONE)
             return self._unknown(f"unknown: cannot read /proc/{self.pid}/{name}: {exc.strerror}")
+
+    def read_socket_label(self, sock: socket.socket) -> None:
+        """Set :attr:`socket_label` from ``SO_PEERSEC`` on ``sock`` (None where no LSM gives one)."""
+        try:
+            self.socket_label = seclabel.peer_label(sock)
+        except OSError:
+            self.socket_label = None
 
     # -- cgroup ------------------------------------------------------------------
 

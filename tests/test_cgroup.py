@@ -217,3 +217,24 @@ def test_held_file_sees_exit_not_a_reused_pid():
     assert p.refresh_cgroup() is None and p.unknown_reason.startswith("unknown: the sender exited")
     os.close(r)
     os.close(w)
+
+
+@linux
+def test_peer_of_records_so_peersec():
+    import socket
+
+    from machipc.peer import peer_of
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        p = peer_of(a)
+        try:
+            with open("/proc/self/attr/current", "rb") as f:
+                own = seclabel.parse(f.read())
+        except (OSError, ValueError):
+            own = None
+        if own is None:
+            assert p.socket_label is None  # no LSM: ENOPROTOOPT, not an error
+        else:
+            assert p.socket_label == own
+        p.close()
