@@ -112,7 +112,12 @@ cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_
 
 
 cdef int _send_failed(int err, double deadline, object timeout, str what) except -1:
-    """After a failed send: 0 to try again (EINTR, or a full queue with time left), else raise."""
+    """After a failed send: 0 to try again (EINTR, or a full queue with time left), else raise.
+
+    EINTR (PEP 475): the Python signal handlers run now; an exception one
+    raises propagates, otherwise the caller retries with what is left of the
+    deadline.
+    """
     if err == EINTR:
         PyErr_CheckSignals()
         return 0
@@ -489,8 +494,8 @@ cdef class Conn:
                     err = errno if sent < 0 else 0
                     if err == EAGAIN:
                         rc = _ms_left(deadline)
-                        if rc != 0:
-                            poll(pfd, 1, rc)
+                        if rc != 0 and poll(pfd, 1, rc) < 0 and errno == EINTR:
+                            err = EINTR  # a signal: its Python handler runs before we wait again
             finally:
                 for i in range(acquired):
                     PyBuffer_Release(&views[i])
@@ -567,8 +572,8 @@ cdef class Conn:
                 err = errno if n < 0 else 0
                 if err == EAGAIN:
                     rc = _ms_left(deadline)
-                    if rc != 0:
-                        poll(&pfd, 1, rc)
+                    if rc != 0 and poll(&pfd, 1, rc) < 0 and errno == EINTR:
+                        err = EINTR  # a signal: its Python handler runs before we wait again
             if err == 0:
                 return
             _send_failed(err, deadline, timeout, f"send of {size} bytes")

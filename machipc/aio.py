@@ -167,6 +167,8 @@ class Server:
         self._fd = -1
         self._reading = False
         self._stopping = False
+        self._serving: Optional[asyncio.Task] = None  # the task inside serve()
+        self._interrupted = False  # a second signal cancelled serve()
         self._error: Optional[BaseException] = None
 
     @classmethod
@@ -371,7 +373,9 @@ class Server:
         thread -- stops gracefully: no new connections, what clients already
         sent is handled, running handlers finish (up to ``drain_timeout`` s,
         then they are cancelled and their requesters told), then the server is
-        closed. Cancelling the ``serve`` task is abrupt.
+        closed. Cancelling the ``serve`` task is abrupt, and so is a second
+        SIGINT/SIGTERM during the graceful stop: running handlers are
+        cancelled, the server closed and KeyboardInterrupt raised.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {concurrency!r}")
@@ -386,6 +390,7 @@ class Server:
             task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
 
         graceful = False
+        self._serving, self._interrupted = asyncio.current_task(), False
         activation.notify("READY=1")
         try:
             while True:
@@ -400,7 +405,13 @@ class Server:
                 del msg
             if graceful:
                 await self._drain(spawn, slots, tasks, deadline_of(drain_timeout))
+        except asyncio.CancelledError:
+            if not self._interrupted:
+                raise
+            graceful = True  # closed below
+            raise KeyboardInterrupt from None
         finally:
+            self._serving = None
             for signum, previous in restore:
                 loop.remove_signal_handler(signum)
                 signal.signal(signum, previous)
@@ -442,7 +453,12 @@ class Server:
         return restore
 
     def _on_signal(self, signum: int) -> None:
-        log.info("signal %d: stopping serve()", signum)
+        if self._stopping and self._serving is not None:  # a second signal: stop at once
+            log.warning("signal %d again: closing at once", signum)
+            self._interrupted = True
+            self._serving.cancel()
+            return
+        log.info("signal %d: stopping serve() (again to stop at once)", signum)
         self.stop()
 
     def stop(self) -> None:

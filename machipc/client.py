@@ -167,6 +167,9 @@ class Client:
         except OSError as exc:
             sock.close()
             raise error_from_errno(exc.errno, f"connect to {path}") from None
+        except BaseException:  # a signal handler's exception
+            sock.close()
+            raise
         return sock
 
     def _check_server(self, sock: socket.socket) -> socket.socket:

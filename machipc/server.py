@@ -385,7 +385,10 @@ class Server:
         SIGINT and SIGTERM (when called from the main thread) and ``stop()``
         stop gracefully: no new connections, the requests already sent are
         answered (for up to ``drain_timeout`` s), the workers finish, then the
-        server is closed and its socket file removed. ``close()`` is abrupt.
+        server is closed and its socket file removed. ``close()`` is abrupt,
+        and so is a second SIGINT or SIGTERM during the graceful stop: the
+        server is closed and KeyboardInterrupt raised from where the main
+        thread was (a running handler included).
         Under systemd, READY=1 and STOPPING=1 go to ``$NOTIFY_SOCKET``.
         """
         self._stop_serving = False
@@ -529,7 +532,11 @@ class Server:
         restore = []
 
         def stop(signum, frame):
-            log.info("signal %d: stopping serve()", signum)
+            if self._stop_serving:  # a second signal: the graceful stop is taking too long
+                log.warning("signal %d again: closing at once", signum)
+                self.close()
+                raise KeyboardInterrupt
+            log.info("signal %d: stopping serve() (again to stop at once)", signum)
             self.stop()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
