@@ -97,6 +97,7 @@ cdef extern from "_mach_layout.h" nogil:
         MACHMSG_MSG_HEADER_SIZE
         MACHMSG_MACHIPC_MSGH_ID
         MACHMSG_BOOTSTRAP_NAME_MAX
+        MACHMSG_MACH_MSG_MASK
 
     mach_msg_bits_t MACH_MSGH_BITS(mach_msg_type_name_t remote, mach_msg_type_name_t local)
     mach_msg_option_t MACH_RCV_TRAILER_TYPE(int x)

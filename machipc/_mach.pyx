@@ -12,12 +12,13 @@ import os
 from time import monotonic
 
 from cpython.buffer cimport PyBuffer_FillInfo, PyBUF_WRITABLE
+from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from . import machmsg as _mm
-from .errors import InvalidArgument, IPCError, IPCTimeoutError, MessageTooLarge, PeerGone
+from .errors import InvalidArgument, IPCError, MessageTooLarge, PeerGone
 
 IMPLEMENTATION = "mach"
 
@@ -30,7 +31,12 @@ WAKE_MSGH_ID = 0x6D697077  # "mipw"
 TOO_LARGE = -1  # Receiver.recv: an inline message over RECV_INLINE_LIMIT was destroyed
 WOKEN = -2  # Receiver.recv: the wake port got a message
 
-cdef mach_msg_option_t RCV_TRAILER = MACH_RCV_TRAILER_TYPE(MACH_MSG_TRAILER_FORMAT_0) | MACH_RCV_TRAILER_ELEMENTS(MACH_RCV_TRAILER_AUDIT)
+# Options shared with the simulated-macOS tests (machmsg.RECV_OPTIONS / SEND_OPTIONS;
+# _mach_layout.h asserts the values): MACH_RCV_INTERRUPT / MACH_SEND_INTERRUPT make
+# mach_msg return *_INTERRUPTED instead of restarting inside libsyscall
+# (libsyscall/mach/mach_msg.c), so Python signal handlers run (PEP 475).
+cdef mach_msg_option_t RECV_OPTIONS = _mm.RECV_OPTIONS
+cdef mach_msg_option_t SEND_OPTIONS = _mm.SEND_OPTIONS
 cdef size_t WIRE_HEADER_SIZE = 24
 
 
@@ -167,7 +173,11 @@ def send(mach_port_t dest, mach_msg_type_name_t dest_disposition, mach_port_t re
 
     Up to ``ool_threshold`` bytes travel inline; above, the payload is one
     MACH_MSG_VIRTUAL_COPY out-of-line descriptor. A send that fails after
-    copy-in is ``mach_msg_destroy``-ed so no right or memory leaks.
+    copy-in comes back pseudo-received (xnu osfmk/ipc/mach_msg.c): it is
+    ``mach_msg_destroy``-ed and the reply right the kernel left in
+    ``msgh_local_port`` (which mach_msg_destroy ignores) is released, so no right
+    or memory leaks. Raises IPCTimeoutError, PeerGone, machmsg.SendInterrupted
+    (a signal came and its handlers ran; nothing was sent) or IPCError.
     """
     _check_fork(gen)
     if header.shape[0] != WIRE_HEADER_SIZE:
@@ -187,9 +197,10 @@ def send(mach_port_t dest, mach_msg_type_name_t dest_disposition, mach_port_t re
         raise MemoryError()
     cdef mach_msg_header_t *hdr = <mach_msg_header_t *>buf
     cdef machipc_complex_prefix_t *cx = <machipc_complex_prefix_t *>buf
-    cdef mach_msg_option_t options = MACH_SEND_MSG
+    cdef mach_msg_option_t options = SEND_OPTIONS
     cdef mach_msg_timeout_t tmo = MACH_MSG_TIMEOUT_NONE
     cdef mach_msg_return_t kr
+    cdef mach_port_t local = MACH_PORT_NULL
     memset(buf, 0, size)
     hdr.msgh_bits = MACH_MSGH_BITS(dest_disposition, reply_disposition if reply != MACH_PORT_NULL else 0)
     hdr.msgh_size = <mach_msg_size_t>size
@@ -216,18 +227,18 @@ def send(mach_port_t dest, mach_msg_type_name_t dest_disposition, mach_port_t re
     try:
         with nogil:
             kr = mach_msg(hdr, options, <mach_msg_size_t>size, 0, MACH_PORT_NULL, tmo, MACH_PORT_NULL)
-            if kr == MACH_SEND_INVALID_DEST or kr == MACH_SEND_TIMED_OUT or kr == MACH_SEND_INTERRUPTED:
-                # Returned to us after copy-in: release its rights / OOL copy.
-                mach_msg_destroy(hdr)
+        if kr != MACH_MSG_SUCCESS and _mm.send_needs_destroy(kr):  # kr masked with MACH_MSG_MASK
+            local = _mm.local_right_to_release(<bytes>buf[:MACHMSG_MSG_HEADER_SIZE])
+            mach_msg_destroy(hdr)  # the destination right and the OOL copy (deallocate is set)
+            if local != MACH_PORT_NULL:
+                mach_port_deallocate(mach_task_self(), local)  # the pseudo-received reply right
     finally:
         free(buf)
     if kr == MACH_MSG_SUCCESS:
         return
-    if kr == MACH_SEND_TIMED_OUT:
-        raise IPCTimeoutError(f"send: the receiver's queue stayed full for {timeout} s ({_mm.kern_name(kr)})")
-    if kr == MACH_SEND_INVALID_DEST:
-        raise PeerGone(f"send: the receiver is gone ({_mm.kern_name(kr)})")
-    raise _mm.kern_error(kr, "mach_msg(send)")
+    if (kr & ~MACHMSG_MACH_MSG_MASK) == MACH_SEND_INTERRUPTED:
+        PyErr_CheckSignals()  # run the handlers now; one that raises ends the send
+    raise _mm.send_error(kr, timeout)
 
 
 def send_wake(mach_port_t port):
@@ -353,7 +364,7 @@ cdef class Receiver:
             self.busy = False
 
     cdef object _recv(self, mach_port_t port, timeout, bint allow_notification):
-        cdef mach_msg_option_t options = MACH_RCV_MSG | MACH_RCV_LARGE | RCV_TRAILER
+        cdef mach_msg_option_t options = RECV_OPTIONS
         cdef mach_msg_timeout_t tmo = MACH_MSG_TIMEOUT_NONE
         cdef mach_msg_return_t kr
         cdef mach_msg_header_t *hdr
@@ -373,6 +384,10 @@ cdef class Receiver:
             if kr == MACH_RCV_TIMED_OUT:
                 return None
             if kr == MACH_RCV_INTERRUPTED:
+                # MACH_RCV_INTERRUPT: a signal came. Run the Python handlers (a raising one
+                # ends the receive; Server.stop() from one queues a wakeup), then wait again
+                # for the time left (recomputed at the top of the loop).
+                PyErr_CheckSignals()
                 continue
             if kr == MACH_RCV_TOO_LARGE:
                 # MACH_RCV_LARGE: the message is still queued; msgh_size says how big.
@@ -389,18 +404,37 @@ cdef class Receiver:
                 return (TOO_LARGE, None, b"", None, 0)
             raise _mm.kern_error(kr, "mach_msg(receive)")
         if self.wake_port != MACH_PORT_NULL and hdr.msgh_local_port == self.wake_port:
-            mach_msg_destroy(hdr)
+            self._refuse(None)
             return (WOKEN, None, b"", None, 0)
         view = memoryview(<unsigned char[:self.capacity]>self.buf)
-        reason, parsed = _mm.parse(view, allow_notification=allow_notification)
-        if reason != _mm.Reject.OK:
-            mach_msg_destroy(hdr)  # reply right, voucher, descriptors: nothing leaks
-            return (reason, parsed, b"", None, 0)
-        inline = bytes(view[parsed.inline_offset:parsed.inline_offset + parsed.inline_size])
-        region = None
-        if parsed.ool_address:
-            region = _region(<vm_address_t>parsed.ool_address, <vm_size_t>parsed.ool_size)
+        try:
+            reason, parsed = _mm.parse(view, allow_notification=allow_notification)
+            if reason != _mm.Reject.OK:
+                self._refuse(view)
+                return (reason, parsed, b"", None, 0)
+            inline = bytes(view[parsed.inline_offset:parsed.inline_offset + parsed.inline_size])
+            region = None
+            if parsed.ool_address:
+                region = _region(<vm_address_t>parsed.ool_address, <vm_size_t>parsed.ool_size)
+        except BaseException:
+            self._refuse(view)  # MemoryError, KeyboardInterrupt...: the message is ours to destroy
+            raise
         return (reason, parsed, inline, region, parsed.remote_port)
+
+    cdef _refuse(self, view):
+        """Destroy the received message in the buffer: every right and every region.
+
+        machmsg.take_regions hands back each OOL and volatile region (and zeroes them
+        in the buffer) because the kernel sets a received descriptor's ``deallocate``
+        only for MACH_MSG_VIRTUAL_COPY (ipc_kmsg_copyout_ool_descriptor, xnu
+        osfmk/ipc/ipc_kmsg.c) and mach_msg_destroy frees only ``if (dsc->deallocate)``
+        and skips volatile ones (libsyscall/mach/mach_msg.c).
+        """
+        if view is None:
+            view = memoryview(<unsigned char[:self.capacity]>self.buf)
+        for address, size in _mm.take_regions(view):
+            vm_deallocate(mach_task_self(), <vm_address_t>address, <vm_size_t>size)
+        mach_msg_destroy(<mach_msg_header_t *>self.buf)  # reply right, voucher, ports
 
 
 # -- identity --------------------------------------------------------------------
@@ -430,8 +464,10 @@ cdef class KQueue:
     """
 
     cdef int fd
+    cdef unsigned long gen
 
     def __cinit__(self, mach_port_t port):
+        self.gen = _generation
         self.fd = kqueue()
         if self.fd < 0:
             raise OSError(errno, os.strerror(errno), "kqueue")
@@ -451,19 +487,24 @@ cdef class KQueue:
         return self.fd
 
     def drain(self):
-        """Consume pending kqueue events (level-triggered: they come back while messages wait)."""
+        """Process the kqueue (kevent64 with a zero timeout): the EVFILT_MACHPORT knote is
+        re-checked (filt_machportprocess) and leaves the queue once the port set is empty,
+        so the fd stops being readable; it stays while messages wait (level-triggered)."""
         cdef kevent64_s evs[8]
         cdef timespec zero
         zero.tv_sec = 0
         zero.tv_nsec = 0
-        if self.fd >= 0:
+        if self.fd >= 0 and self.gen == _generation:
             kevent64(self.fd, NULL, 0, evs, 8, 0, &zero)
 
     def close(self):
-        if self.fd >= 0:
+        """Close the kqueue, unless this is a fork() child: kqueues are not inherited
+        (xnu bsd/kern/kern_event.c: fork leaves kqueue fds closed in the child), so the
+        number may name an unrelated fd there."""
+        if self.fd >= 0 and self.gen == _generation:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
 
     def __dealloc__(self):
-        if self.fd >= 0:
+        if self.fd >= 0 and self.gen == _generation:
             os.close(self.fd)

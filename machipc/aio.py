@@ -584,7 +584,7 @@ class Client:
                 fut.set_exception(type(error)(*error.args))
 
     def _deliver(self, got: tuple) -> None:
-        rid, result, error = _client.decode_reply(self.name, got)
+        rid, result, error = _client.decode_reply(self.name, got, self.sync.server_policy)
         if rid < 0:
             self._gone(error)
             return

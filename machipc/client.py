@@ -69,10 +69,14 @@ _ERRORS = {
 }
 
 
-def decode_reply(name: str, got: tuple) -> tuple[int, Optional[bytes], Optional[IPCError]]:
+def decode_reply(name: str, got: tuple, server_policy=None) -> tuple[int, Optional[bytes], Optional[IPCError]]:
     """``(request_id, payload, error)`` of a packet a client received from ``name``.
 
     ``request_id`` is -1 when the packet is the connection's end (``error`` says so).
+    On macOS every reply carries its sender's Peer (from the kernel's audit
+    trailer): ``server_policy`` is checked against it, and an answer from an
+    untrusted process is NotPermitted. (A bootstrap name is not owned like a
+    socket file: a dynamic name belongs to whoever checked it in first.)
     """
     status, _conn, kind, _flags, rid, payload = got[:6]
     if status == Drop.CLOSED:
@@ -81,6 +85,14 @@ def decode_reply(name: str, got: tuple) -> tuple[int, Optional[bytes], Optional[
         text = DROP_TEXT.get(Drop(status), Drop(status).name)
         log.warning("malformed reply from %r: %s", name, text)
         return rid, None, ProtocolError(f"malformed reply from the server: {text}")
+    sender = got[9]
+    if server_policy is not None and isinstance(sender, Peer):
+        decision = evaluate(server_policy, sender)
+        if not decision.allowed:
+            log.warning("reply from an untrusted server of %r (pid %d, uid %d): %s", name, sender.pid, sender.uid,
+                        decision.reason)
+            return rid, None, NotPermitted(
+                f"server of {name!r} (pid {sender.pid}, uid {sender.uid}) is not trusted: {decision.reason}")
     if kind == Kind.REPLY:
         return rid, payload, None
     code, text = unpack_error(payload)
@@ -95,8 +107,9 @@ class Client:
     each get their own reply, and one thread's one-way messages keep their
     order. The server's socket must be owned by root or by this user, and
     ``server_policy`` (default: the server runs as root or as this user) is
-    checked against the listening process's kernel identity at connect, so a
-    squatted name cannot impersonate a daemon.
+    checked against the listening process's kernel identity at connect (on
+    macOS: against the sender of every reply), so a squatted name cannot
+    impersonate a daemon.
 
     Connecting waits up to ``connect_timeout`` (default: ``timeout``) while the
     server's listen backlog is full (a connect flood; :mod:`machipc.connecting`);
@@ -295,7 +308,7 @@ class Client:
                 pending.event.set()
 
     def _deliver(self, got: tuple) -> None:
-        rid, result, error = decode_reply(self.name, got)
+        rid, result, error = decode_reply(self.name, got, self.server_policy)
         if rid < 0:  # the connection ended: every waiting request fails
             self._dead = error
             for pending in list(self._pending.values()):

@@ -27,8 +27,9 @@ import itertools
 import threading
 from typing import Optional
 
-from .errors import InvalidArgument, PeerGone
+from .errors import InvalidArgument, NotPermitted, PeerGone, ServiceInUse
 from .machmsg import (
+    BOOTSTRAP_NOT_PRIVILEGED,
     MACH_MSG_TYPE_COPY_SEND,
     MACH_MSG_TYPE_MAKE_SEND_ONCE,
     MACH_MSG_TYPE_MOVE_SEND_ONCE,
@@ -37,9 +38,22 @@ from .machmsg import (
     REJECT_DROP,
     AuditToken,
     Reject,
+    SendInterrupted,
 )
 from .peer import Peer
-from .wire import CLIENT_ACCEPTS, HEADER_SIZE, SERVER_ACCEPTS, Drop, ErrorCode, Kind, check_header, pack_error, pack_header
+from .unix import deadline_of, remaining
+from .wire import (
+    CLIENT_ACCEPTS,
+    HEADER_SIZE,
+    SERVER_ACCEPTS,
+    Drop,
+    ErrorCode,
+    Flag,
+    Kind,
+    check_header,
+    pack_error,
+    pack_header,
+)
 
 try:
     from . import _mach  # type: ignore[attr-defined]
@@ -81,7 +95,32 @@ def _split(inline: bytes, region, accepted: frozenset) -> tuple:
         payload = inline[HEADER_SIZE:]
     if header is None:
         return status, 0, 0, 0, b""
+    if status == Drop.OK and header.flags & _LINUX_ONLY_FLAGS:
+        # PAYLOAD_FD / ARENA describe an fd or an arena reference that a Mach message
+        # cannot carry: taken as data they would hand the handler a wrong payload.
+        status = Drop.BAD_FLAGS
     return status, header.kind, header.flags, header.request_id, payload if status == Drop.OK else b""
+
+
+#: Wire flags of the Linux transport only (sealed memfds, arenas): refused on Mach.
+_LINUX_ONLY_FLAGS = int(Flag.PAYLOAD_FD | Flag.ARENA)
+#: One lock for every ReplyConn's take-the-right step (held for two attribute accesses).
+_take_lock = threading.Lock()
+
+
+def _settle(kq) -> None:
+    """The port set is empty: let its kqueue fd go unreadable.
+
+    A kqueue fd is readable while a knote is queued on it (``kq_count > 0``:
+    filt_kqueue / kqueue_select, xnu bsd/kern/kern_event.c), and receiving the
+    message with mach_msg does not dequeue the EVFILT_MACHPORT knote; only a
+    kevent() on that kqueue does, where filt_machportprocess (xnu
+    osfmk/ipc/ipc_pset.c) re-checks the set and drops the knote once it is empty
+    (it stays if a message came meanwhile, so no wakeup is lost). Without this
+    asyncio's level-triggered reader would be called forever: a busy loop.
+    """
+    if kq is not None:
+        kq.drain()
 
 
 class _OneWay:
@@ -116,8 +155,14 @@ class ReplyConn:
         self._port = port
         self._gen = _mach.generation()
 
+    def _take(self) -> int:
+        """The right, now this caller's alone (two threads answering one request: one wins)."""
+        with _take_lock:
+            port, self._port = self._port, 0
+        return port
+
     def send(self, kind: int, request_id: int, payload, timeout: Optional[float]) -> None:
-        port, self._port = self._port, 0
+        port = self._take()
         if not port:
             raise PeerGone("this request was already answered (its send-once reply right is used)")
         _mach.send(port, MACH_MSG_TYPE_MOVE_SEND_ONCE, 0, 0, pack_header(kind, request_id, len(payload)), payload,
@@ -127,7 +172,7 @@ class ReplyConn:
         self.close()
 
     def close(self) -> None:
-        port, self._port = self._port, 0
+        port = self._take()
         if port and self._gen == _mach.generation():
             _mach.deallocate(port)
 
@@ -136,6 +181,31 @@ class ReplyConn:
             self.close()
         except Exception:
             pass
+
+
+def _check_in(m, name: str) -> int:
+    """``bootstrap_check_in``, telling "already served" from "not allowed here".
+
+    launchd answers BOOTSTRAP_NOT_PRIVILEGED both when another process holds the
+    name ("tried to hijack the service", job_mig_check_in2 in the last open-source
+    launchd) and in a dead login session's namespace; a look-up tells them apart:
+    it succeeds only when someone serves the name.
+    """
+    try:
+        return m.check_in(name)
+    except NotPermitted as exc:
+        if getattr(exc, "kern_return", None) != BOOTSTRAP_NOT_PRIVILEGED:
+            raise
+        try:
+            held = m.look_up(name)
+        except Exception:
+            raise exc from None
+        m.deallocate(held)
+        raise ServiceInUse(
+            f"bootstrap_check_in({name!r}): BOOTSTRAP_NOT_PRIVILEGED and the name is served: another process "
+            "(a second copy of this server?) has checked it in; stop it or choose another name. Under launchd "
+            "only the job whose plist lists the name in MachServices may check it in"
+        ) from None
 
 
 class ServerTransport:
@@ -147,7 +217,7 @@ class ServerTransport:
             raise InvalidArgument(f"queue_limit must be between 1 and {MACH_PORT_QLIMIT_MAX}, not {queue_limit}")
         self.name = name
         self._gen = m.generation()
-        self._port = m.check_in(name)
+        self._port = _check_in(m, name)
         self._wake = self._set = 0
         self._kq = None
         try:
@@ -177,6 +247,7 @@ class ServerTransport:
         """Next message (see machipc/unix.py); None on timeout or after ``wakeup()``."""
         got = self._rx.recv(self._set, timeout, False)
         if got is None:
+            _settle(self._kq)
             return None
         reason, parsed, inline, region, reply = got
         if reason == _mach.WOKEN:
@@ -268,7 +339,20 @@ class Conn:
         return port
 
     def send(self, kind: int, request_id: int, payload, timeout: Optional[float]) -> None:
-        """Send a MESSAGE, or a REQUEST with a fresh send-once reply right."""
+        """Send a MESSAGE, or a REQUEST with a fresh send-once reply right.
+
+        A signal while waiting for queue space runs its handlers (MACH_SEND_INTERRUPT)
+        and the send is tried again for the time left (PEP 475); a handler that
+        raises ends it.
+        """
+        deadline = deadline_of(timeout)
+        while True:
+            try:
+                return self._send(kind, request_id, payload, timeout)
+            except SendInterrupted:
+                timeout = remaining(deadline)
+
+    def _send(self, kind: int, request_id: int, payload, timeout: Optional[float]) -> None:
         if self._closed:
             raise PeerGone(f"the connection to {self.name!r} is closed")
         header = pack_header(kind, request_id, len(payload))
@@ -291,6 +375,7 @@ class Conn:
         """Next reply (see machipc/unix.py); None on timeout; ``Drop.CLOSED`` after ``shutdown``."""
         got = self._rx.recv(self._set, timeout, True)
         if got is None:
+            _settle(self._kq)
             return None
         reason, parsed, inline, region, reply = got
         if reason == _mach.WOKEN:

@@ -661,7 +661,8 @@ _BOOTSTRAP_HINTS = {
         "another name; under launchd only the job that declares it in MachServices may check it in"
     ),
     BOOTSTRAP_NOT_PRIVILEGED: (
-        "the bootstrap server refused {name!r}: this process is probably in a dead login session's bootstrap "
+        "the bootstrap server refused {name!r}: another process holds it (machipc.mach reports that case as "
+        "ServiceInUse after a look-up), or this process is in a dead login session's bootstrap "
         "namespace (started from a closed Terminal/ssh session, or by a detached nohup/screen); run it as a "
         "launchd job (launchctl bootstrap gui/$UID or system ...) or from a live login session"
     ),

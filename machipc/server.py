@@ -316,9 +316,12 @@ class Server:
 
     def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
         """The Peer for this packet and the policy's decision, reused per process."""
-        if isinstance(pidfd, Peer):  # the Mach backend builds the Peer from the audit token
-            peer = pidfd
-        elif pidfd == SAME_PEER:
+        if isinstance(pidfd, Peer):
+            # Mach: the backend built the Peer from this message's audit token. Nothing is
+            # kept per conn: each request has its own reply conn (a new id every time),
+            # so entries would pile up forever; the DecisionCache keeps one per process.
+            return pidfd, self._decisions.decide(pidfd)
+        if pidfd == SAME_PEER:
             entry = self._peers[conn.id]
             if self._decisions.volatile:  # execve(), a cgroup move, a new label keep pid and pidfd: re-check
                 entry = self._peers[conn.id] = (entry[0], self._decisions.decide(entry[0]))

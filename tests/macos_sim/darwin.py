@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import selectors
 import sys
 import sysconfig
 from pathlib import Path
@@ -48,6 +49,10 @@ def install() -> None:
         for name in names:
             if hasattr(mod, name):
                 delattr(mod, name)
+    # selectors chose EpollSelector when pytest imported it; choose again without epoll. On a
+    # Mac asyncio gets KqueueSelector (EVFILT_READ, level-triggered): poll() has the same
+    # readiness semantics for the kqueue fd machipc.aio watches.
+    importlib.reload(selectors)
     sys.meta_path.insert(0, _NotBuiltOnMacOS())
     # The fake kernel is machipc._mach before machipc is imported (it imports machipc.machmsg
     # itself, and machipc.mach binds _mach at import), and the same module object is

@@ -148,6 +148,7 @@ class Kernel:
         self.machservices: dict[str, tuple[Port, Task]] = {}  # plist MachServices: port, job's task
         self.launchd = Task(uid=0, gid=0)
         self.launchd.pid = 1
+        self.blocked = 0  # threads waiting inside mach_msg (tests wait for "blocked in receive")
 
     @property
     def task(self) -> Task:
@@ -241,6 +242,14 @@ class Kernel:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if timeout == 0.0:
             return False
+        self.blocked += 1
+        try:
+            self._block(timeout, interruptible)
+        finally:
+            self.blocked -= 1
+        return deadline is None or time.monotonic() < deadline
+
+    def _block(self, timeout: Optional[float], interruptible: bool) -> None:
         if interruptible or threading.current_thread() is not threading.main_thread():
             self.cond.wait(timeout)
         else:
@@ -249,7 +258,6 @@ class Kernel:
                 self.cond.wait(timeout)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return deadline is None or time.monotonic() < deadline
 
     # -- mach_msg send ---------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""Finding 4: SIGTERM / SIGINT stop a serve() blocked in mach_msg.
+
+libsyscall's mach_msg restarts an interrupted receive itself unless
+MACH_RCV_INTERRUPT is passed, so no Python handler runs; the fake kernel
+models that by holding the signals while a receive without the option waits
+(fakekernel.Kernel._wait). The child blocks in receive before it is signalled.
+"""
+
+import signal
+
+import pytest
+
+from tests.macos_sim.sim_child import spawn
+
+SERVE = """
+    import sys, threading, time
+    import machipc
+    from machipc import _mach
+    srv = machipc.Server("org.machipc.sim.sig")
+
+    def client():
+        with machipc.Client("org.machipc.sim.sig", timeout=30) as cli:
+            assert cli.request(b"x") == b"ok"
+        while _mach.KERNEL.blocked == 0:  # serve() is back inside mach_msg(receive)
+            time.sleep(0.01)
+        print("blocked", flush=True)
+
+    threading.Thread(target=client, daemon=True).start()
+    srv.serve(lambda m: b"ok")
+    print("stopped", flush=True)
+    srv.close()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_blocked_serve(signum):
+    p = spawn(SERVE)
+    try:
+        assert p.stdout.readline().strip() == "blocked", p.stderr.read()
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=60)
+    except Exception:
+        p.kill()
+        out, err = p.communicate()
+        pytest.fail(f"serve() did not stop on signal {signum} (blocked in mach_msg): {err[-2000:]}")
+    assert "stopped" in out and p.returncode == 0, err[-2000:]
