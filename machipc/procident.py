@@ -43,7 +43,12 @@ _no_lsm = False  # set once attr/current answered EINVAL: no LSM will appear lat
 
 
 class _Pinned:
-    """One ``/proc/PID/NAME`` file open for the pinned process, and what it said last."""
+    """One ``/proc/PID/NAME`` file open for the pinned process, and what it said last.
+
+    Closed only with its Peer (or when dropped): handler threads may read a
+    Peer while the receive thread re-reads it, and closing the fd under them
+    could let a read land on a reused fd number.
+    """
 
     __slots__ = ("fd", "raw")
 
@@ -59,6 +64,8 @@ class _Pinned:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+    __del__ = close
 
 
 class ProcessIdentity:
@@ -113,14 +120,13 @@ class ProcessIdentity:
             f = self._open_pinned(name)
             if f is None:
                 return None
-            setattr(self, attr, f)
+            setattr(self, attr, f)  # a racing thread's copy is closed when dropped
         try:
             return f.read()
         except OSError as exc:
             if exc.errno in passthrough:
                 raise
-            f.close()
-            setattr(self, attr, None)
+            # Kept open: it names this process only, and fails alike on every later read.
             if exc.errno == errno.ESRCH:
                 return self._unknown(UNKNOWN_GONE)
             return self._unknown(f"unknown: cannot read /proc/{self.pid}/{name}: {exc.strerror}")
@@ -141,6 +147,13 @@ class ProcessIdentity:
         cgroup v2 line, relative to the server's own cgroup namespace (see
         :mod:`machipc.cgroup`).
         """
+        f = self._cgroup_file
+        if f is not None and self._cgroup is not None:  # the per-packet path: unchanged?
+            try:
+                if os.pread(f.fd, _READ_MAX, 0) == f.raw:
+                    return self._cgroup[1]
+            except OSError:
+                pass  # read again below, which says why
         raw = self._read_pinned("_cgroup_file", "cgroup")
         if raw is None:
             self._cgroup = None
@@ -199,8 +212,6 @@ class ProcessIdentity:
             raw = self._read_pinned("_label_file", "attr/current", (errno.EINVAL,))
         except OSError:  # EINVAL: no LSM provides attr/current (LSMs are not loaded at run time)
             _set_no_lsm()
-            self._label_file.close()  # type: ignore[union-attr]
-            self._label_file = None
             self._label = NO_LABEL
             return NO_LABEL
         if raw is None:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -277,3 +278,56 @@ def test_security_label_with_an_lsm(serve, public_sockdir, impl):
     serve(policy=SecurityLabel(own + "-other"), name="org.test.other")
     done = subprocess.run(python_client(public_sockdir, impl, REQUEST, "org.test.other"), capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["rejected"], done.stderr
+
+
+NS_SERVER = """
+import logging, sys, time
+import machipc
+from machipc.policies import Cgroup
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+srv = machipc.Server({name!r}, Cgroup("/"), directory={sockdir!r}, impl={impl!r})
+print("ready", flush=True)
+sys.stdin.readline()
+msg = srv.receive(timeout=60)
+print("allowed", msg.sender.cgroup, flush=True)
+deadline = time.monotonic() + 60
+while srv.stats.rejected == 0 and time.monotonic() < deadline:
+    try:
+        srv.receive(timeout=0.2)
+        print("allowed more", flush=True)
+    except machipc.IPCTimeoutError:
+        pass
+print("rejected", srv.stats.rejected, flush=True)
+srv.close()
+"""
+
+
+def test_paths_are_read_in_the_servers_cgroup_namespace(tree, public_sockdir, impl):
+    """A server in its own cgroup namespace sees its subtree as "/" and everyone else as outside it."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) not installed")
+    tree.make("/system.slice/test-ns.service")
+    tree.make("/system.slice/test-ns.service/inner")
+    name = "org.test.cgns"
+    code = NS_SERVER.format(name=name, sockdir=public_sockdir, impl=impl)
+    place = "".join(f'echo $$ > "{p}" && ' for p in tree.procs("/system.slice/test-ns.service"))
+    server = subprocess.Popen(
+        ["sh", "-c", place + 'exec unshare --cgroup "$@"', "sh", sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        if line.strip() != "ready":
+            pytest.skip(f"no cgroup namespace for the server here: {server.stderr.read()[-300:]}")
+        server.stdin.write("go\n")
+        server.stdin.flush()
+        send = python_client(public_sockdir, impl, 'c.send(b"x")', name)
+        assert run_in(tree, "/system.slice/test-ns.service/inner", send).returncode == 0
+        assert run_in(tree, "/system.slice/test-other.service", send).returncode == 0
+        out, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert out.splitlines() == ["allowed /inner", "rejected 1"], err
+    assert "cgroup '/../test-other.service' is outside the server's cgroup namespace" in err
