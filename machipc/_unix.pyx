@@ -29,6 +29,7 @@ from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from ._closer import close_later
 from .arena import locate as arena_locate, release_ref as arena_release_ref
 from .payload import MAX_PAYLOAD, map_sealed
+from .peer import OVERFLOW_GID, OVERFLOW_UID
 
 IMPLEMENTATION = "c"
 
@@ -55,6 +56,9 @@ DEF SEND_BATCH = 64     # packets per sendmmsg call
 DEF ACCEPT_PAUSE = 0.1  # seconds the listener is left alone after accept ran out of fds
 
 cdef unsigned long long _next_id = 0
+# A packet without credentials reads pid 0 with these ids (see unix.py _parse).
+cdef unsigned int _overflow_uid = OVERFLOW_UID
+cdef unsigned int _overflow_gid = OVERFLOW_GID
 
 
 cdef inline double _now() noexcept nogil:
@@ -277,7 +281,8 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
         status = DROP_CTRUNC
     elif msg.msg_flags & MSG_TRUNC:
         status = DROP_TRUNCATED
-    elif server_side and (not creds or pk.pid == 0):
+    elif server_side and (not creds or (pk.pid == 0 and pk.uid == _overflow_uid and pk.gid == _overflow_gid)):
+        # pid 0 with real ids: a sender in a pid namespace we cannot see (see unix.py).
         status = DROP_NO_CREDENTIALS
     hstatus = _check_header(buf, n, server_side, pk)
     pk.status = status if status != DROP_OK else hstatus
@@ -620,6 +625,11 @@ cdef class Conn:
         cdef struct_stat st
         cdef unsigned long long ino
         cdef bint pinned = False
+        if pk.pid == 0:  # another pid namespace: no process of ours to pin
+            if pk.pidfd >= 0:
+                close(pk.pidfd)
+                pk.pidfd = -1
+            return
         if pk.pidfd >= 0:
             if not self.pidfs or fstat(pk.pidfd, &st) != 0:
                 return
@@ -665,6 +675,9 @@ cdef class Conn:
         cdef struct_stat st
         if (getsockopt(self.fd, SOL_SOCKET, SO_PEERCRED, &cred, &n) == 0
                 and getsockopt(self.fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &m) == 0 and pidfd >= 0):
+            if cred.pid <= 0:  # connected from a pid namespace we cannot see: nothing to pin
+                close(pidfd)
+                return
             self.peer_pid = cred.pid
             self.peer_pidfd = pidfd
             if fstat(pidfd, &st) == 0:

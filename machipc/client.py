@@ -23,7 +23,7 @@ from .errors import (
     ServiceNotFound,
     error_from_errno,
 )
-from .naming import find_sockets
+from .naming import container_advice, find_sockets
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
@@ -105,11 +105,13 @@ class Client:
     ``timeout`` (seconds, None for no limit) is the default for every call
     that can block. A Client may be shared by threads: concurrent requests
     each get their own reply, and one thread's one-way messages keep their
-    order. The server's socket must be owned by root or by this user, and
-    ``server_policy`` (default: the server runs as root or as this user) is
-    checked against the listening process's kernel identity at connect (on
-    macOS: against the sender of every reply), so a squatted name cannot
-    impersonate a daemon.
+    order. ``server_policy`` (default: the server runs as root or as this
+    user) is checked against the listening process's kernel identity at
+    connect (on macOS: against the sender of every reply), so a squatted name
+    cannot impersonate a daemon. With the default, the socket file must also be
+    owned by root or by this user; an explicit ``server_policy`` alone governs
+    (a client in a container sees the owner as the overflow uid, and the
+    server as pid 0).
 
     Connecting waits up to ``connect_timeout`` (default: ``timeout``) while the
     server's listen backlog is full (a connect flood; :mod:`machipc.connecting`);
@@ -134,6 +136,7 @@ class Client:
         # Who may answer: by default a server running as root or as this user,
         # checked on the connected socket's kernel identity (peer_of).
         self.server_policy = as_policy(server_policy) if server_policy is not None else Allowlist(uids={0, os.geteuid()})
+        self._explicit_server_policy = server_policy is not None
         self.server_peer: Optional[Peer] = None
         self.timeout = timeout
         if sys.platform == "darwin":
@@ -158,7 +161,9 @@ class Client:
     def _connect(self, directory: Optional[str], connect_timeout: Optional[float]) -> socket.socket:
         """Connect to the first live socket for the name (see machipc.naming for the order)."""
         stale = []
-        for path in find_sockets(self.name, directory):
+        # An explicit server_policy judges the listening process itself (_check_server), which
+        # is what a client in a container, where the owner shows as the overflow uid, needs.
+        for path in find_sockets(self.name, directory, any_owner=self._explicit_server_policy):
             sock = self._connect_to(path, connect_timeout)
             if sock is not None:
                 self.path = path
@@ -197,7 +202,10 @@ class Client:
             raise
         if not decision.allowed:
             sock.close()
-            raise NotPermitted(f"server of {self.name!r} (pid {peer.pid}, uid {peer.uid}) is not trusted: {decision.reason}")
+            advice = "" if self._explicit_server_policy else container_advice(peer.uid, peer.pid)
+            raise NotPermitted(
+                f"server of {self.name!r} (pid {peer.pid or 'unknown'}, uid {peer.uid}) is not trusted: {decision.reason}{advice}"
+            )
         return sock
 
     def _timeout(self, timeout) -> Optional[float]:

@@ -34,6 +34,7 @@ import stat
 from typing import NamedTuple, Optional
 
 from .errors import InvalidArgument, NotPermitted, ServiceNotFound
+from .peer import OVERFLOW_UID
 
 __all__ = [
     "validate_name",
@@ -184,14 +185,17 @@ def service_path(name: str, create_dir: bool = False, directory: Optional[str] =
     return _check_length(os.path.join(directory or runtime_dir(create_dir), name))
 
 
-def find_sockets(name: str, directory: Optional[str] = None) -> list[str]:
+def find_sockets(name: str, directory: Optional[str] = None, *, any_owner: bool = False) -> list[str]:
     """The sockets a client may try for ``name``, in lookup order (never empty).
 
     In ``directory`` alone when given, else in :func:`lookup_dirs`; each is a
     socket owned by root or the caller, in a directory that passed the squatting
     checks. Raises ServiceNotFound when there is none, NotPermitted when the
     only candidates were refused (the error says why and what to do), and
-    InvalidArgument for a bad name.
+    InvalidArgument for a bad name. ``any_owner``: accept a socket whoever owns
+    it (the caller checks the listening process itself, e.g. a client with an
+    explicit ``server_policy`` in a container, where owners show as the
+    overflow uid).
     """
     validate_name(name)
     dirs = [_Dir(directory, 0, (os.geteuid(), 0))] if directory else _lookup()
@@ -202,7 +206,7 @@ def find_sockets(name: str, directory: Optional[str] = None) -> list[str]:
         try:
             if not directory:  # an explicit directory is the caller's choice
                 _ensure_dir(d, False)
-            check_socket_owner(path, (0, os.geteuid()))
+            check_socket_owner(path, None if any_owner else (0, os.geteuid()))
         except FileNotFoundError:
             continue
         except NotPermitted as exc:
@@ -217,8 +221,19 @@ def find_sockets(name: str, directory: Optional[str] = None) -> list[str]:
     raise ServiceNotFound(f"no service {name!r}: nothing at {looked}")
 
 
-def check_socket_owner(path: str, allowed_uids: tuple[int, ...]) -> os.stat_result:
-    """lstat ``path`` and refuse it unless it is a socket owned by one of ``allowed_uids``.
+def container_advice(uid: int, pid: int = -1) -> str:
+    """What to do when a server looks foreign because the client runs in another user/pid namespace."""
+    if uid != OVERFLOW_UID and pid != 0:
+        return ""
+    return (
+        f" (uid {OVERFLOW_UID} is the overflow uid and pid 0 an unseen pid: the server's ids are not mapped into "
+        "this client's user or pid namespace, as inside a container; pass server_policy= to say which server to "
+        "trust by what this namespace can see, e.g. Allowlist(uids=[...]) or AllowAll())"
+    )
+
+
+def check_socket_owner(path: str, allowed_uids: Optional[tuple[int, ...]]) -> os.stat_result:
+    """lstat ``path`` and refuse it unless it is a socket owned by one of ``allowed_uids`` (None: anyone).
 
     Raises FileNotFoundError (from lstat) when nothing is there, NotPermitted
     when it is something else, someone else's, or cannot be looked at.
@@ -229,9 +244,9 @@ def check_socket_owner(path: str, allowed_uids: tuple[int, ...]) -> os.stat_resu
         raise NotPermitted(f"cannot look up {path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise NotPermitted(f"{path} exists and is not a socket: refusing to use or replace it")
-    if st.st_uid not in allowed_uids:
+    if allowed_uids is not None and st.st_uid not in allowed_uids:
         raise NotPermitted(
             f"{path} is owned by {_user_name(st.st_uid)}, expected one of {sorted(set(allowed_uids))}: "
-            "another user may be squatting this service name"
+            f"another user may be squatting this service name{container_advice(st.st_uid)}"
         )
     return st

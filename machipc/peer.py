@@ -6,6 +6,18 @@ kernels without it). The pidfd pins the process: a pid can be reused once the
 sender exits, a pidfd cannot. Anything read from ``/proc/<pid>`` is trusted
 only when the pidfd still refers to a live process *after* the read.
 
+uid and gid in ``SCM_CREDENTIALS`` are sound: the kernel accepts only ids the
+sender holds (or, with ``CAP_SETUID``/``CAP_SETGID`` in its user namespace,
+ids mapped into it). The pid is a *claim*: with ``CAP_SYS_ADMIN`` over the
+user namespace owning its pid namespace, a sender may name any process visible
+there (``scm_check_creds`` in net/core/scm.c), and ``SCM_PIDFD`` then pins the
+named process, not the sender. Any user gets that capability with
+``unshare -Urp``, but only for processes in that new namespace, which sits
+below the server's. So a claimed pid is attributed (``Peer.pinned``) only when
+the process lives in the server's own pid namespace (one ``NSpid`` entry in the
+pidfd's fdinfo, kernel/pid.c ``pidfd_show_fdinfo``); deeper, its executable,
+digest and signature are unknown, and uid/gid still decide.
+
 On macOS the identity is the audit token (pid + pidversion); the pidversion
 changes on every exec, so the token names one program run of one process.
 
@@ -26,7 +38,7 @@ import struct
 import sys
 from typing import Optional, Sequence, Union
 
-from .errors import NotPermitted, PeerGone, error_from_errno
+from .errors import PeerGone, error_from_errno
 from .procident import UNKNOWN_GONE, ProcessIdentity
 
 __all__ = [
@@ -39,6 +51,10 @@ __all__ = [
     "GUARD_PIDVERSION",
     "GUARD_NONE",
     "UNKNOWN_GONE",
+    "PID_UNKNOWN",
+    "OVERFLOW_UID",
+    "OVERFLOW_GID",
+    "claim_problem",
 ]
 
 #: The pid-reuse guard is the pidfd's inode on pidfs (unique per process).
@@ -50,6 +66,11 @@ GUARD_PIDVERSION = "pidversion"
 #: No guard could be had (e.g. the sender is already gone).
 GUARD_NONE = "none"
 
+#: Why a sender reported with pid 0 has no process identity.
+PID_UNKNOWN = (
+    "pid unknown: the sender is in a pid namespace the server cannot see (the kernel reports pid 0), "
+    "so only its uid and gid are known"
+)
 
 LINUX = sys.platform.startswith("linux")
 MACOS = sys.platform == "darwin"
@@ -65,6 +86,19 @@ LOCAL_PEERTOKEN = 0x006
 _XUCRED = struct.Struct("IIh2x16I")  # cr_version, cr_uid, cr_ngroups, cr_groups[16]
 
 _pidfs: Optional[bool] = None
+
+
+def _overflow_id(kind: str) -> int:
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65534  # the kernel's default (DEFAULT_OVERFLOWUID)
+
+
+#: The uid and gid the kernel reports for ids not mapped into this user namespace,
+#: and for a packet that carries no credentials at all (pid 0 with these ids).
+OVERFLOW_UID, OVERFLOW_GID = (_overflow_id("uid"), _overflow_id("gid")) if LINUX else (65534, 65534)
 
 
 def pidfs_available() -> bool:
@@ -100,6 +134,49 @@ def _start_time(pid: int) -> Optional[int]:
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = stat_line[stat_line.rfind(b")") + 2 :].split()
     return int(fields[19])
+
+
+def claim_problem(pidfd: int) -> Optional[str]:
+    """Why the process ``pidfd`` names could have been claimed by another sender (None: it could not).
+
+    A pid in ``SCM_CREDENTIALS`` other than the sender's own needs
+    ``CAP_SYS_ADMIN`` over the user namespace owning the sender's pid
+    namespace, and names a process visible there. A process in the server's
+    own pid namespace is thus claimable only by a sender privileged over the
+    server's namespace; one in a deeper namespace by anyone who made it
+    (``unshare -Urp``). The level is read from the pidfd's fdinfo (``NSpid:``,
+    relative to this process's ``/proc``, Linux >= 5.3), so it belongs to the
+    pinned process whatever happens to its pid.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            info = f.read()
+    except OSError as exc:
+        return f"unknown: cannot read the pidfd's fdinfo ({exc.strerror})"
+    levels: list[bytes] = []
+    for line in info.splitlines():
+        if line.startswith(b"NSpid:"):
+            levels = line.split()[1:]
+            break
+    else:
+        return None  # kernel without pid namespaces: there is only the server's
+    if not levels or levels[0] == b"-1":
+        return UNKNOWN_GONE
+    if levels[0] == b"0":
+        return PID_UNKNOWN
+    if len(levels) > 1:
+        return (
+            f"unknown: pid {int(levels[0])} lives in a pid namespace {len(levels) - 1} level(s) below the server's "
+            f"(NSpid {' '.join(x.decode() for x in levels)}), where a sender holding CAP_SYS_ADMIN over it "
+            "(any user, with unshare -Urp) can name it in SCM_CREDENTIALS; the packet is not attributed to it"
+        )
+    try:
+        own = os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        own = False
+    if not own:
+        return "unknown: the server's /proc belongs to another pid namespace, so pid namespaces cannot be compared"
+    return None
 
 
 def process_alive(pid: int, guard: Optional[int], guard_kind: str) -> bool:
@@ -163,6 +240,11 @@ class Peer(ProcessIdentity):
     read lazily and race-free; each is None when it cannot be known for this
     very process, and :attr:`unknown_reason` then says why (the sender exited,
     its ``/proc/<pid>/exe`` is unreadable, the platform lacks it, ...).
+
+    :attr:`pinned` says whether ``pid`` names the sending process soundly;
+    when it does not (:attr:`pin_problem` says why: pid 0 from another pid
+    namespace, a pid the sender could have claimed, nothing pins it), every
+    attribute read from the process is None and only uid/gid can decide.
     """
 
     __slots__ = (
@@ -178,6 +260,7 @@ class Peer(ProcessIdentity):
         "_sha256",
         "_signing",
         "unknown_reason",
+        "pin_problem",
         "__weakref__",
     )
 
@@ -190,6 +273,7 @@ class Peer(ProcessIdentity):
         guard: Optional[int] = None,
         guard_kind: str = GUARD_NONE,
         audit_token: Optional[tuple[int, ...]] = None,
+        pin_problem: Optional[str] = None,
     ) -> None:
         self.pid = pid
         self.uid = uid
@@ -206,15 +290,31 @@ class Peer(ProcessIdentity):
         #: Why the last identity attribute asked for is None (None when all were known).
         self.unknown_reason: Optional[str] = None
         self._init_identity()
+        if pin_problem is None and pid <= 0:
+            pin_problem = PID_UNKNOWN
+        #: Why ``pid`` does not name the sending process soundly (None when it does).
+        self.pin_problem = pin_problem
 
     @classmethod
-    def from_pidfd(cls, pid: int, uid: int, gid: int, pidfd: int, inode: int = 0) -> "Peer":
-        """Build a Peer around a pidfd it then owns, choosing the best guard."""
+    def from_pidfd(cls, pid: int, uid: int, gid: int, pidfd: int, inode: int = 0, *, claimed: bool = False) -> "Peer":
+        """Build a Peer around a pidfd it then owns, choosing the best guard.
+
+        ``claimed``: the pid came from a packet's ``SCM_CREDENTIALS`` (which the
+        sender may choose within its own pid namespace, see
+        :func:`claim_problem`), not from ``SO_PEERCRED``/``SO_PEERPIDFD`` (set by
+        the kernel at ``connect()``). A claimed process outside the server's pid
+        namespace is not attributed: :attr:`pin_problem` says why.
+        """
+        if pid <= 0:  # another pid namespace: the pidfd names nobody the server can see
+            if pidfd >= 0:
+                os.close(pidfd)
+            return cls(pid, uid, gid)
+        problem = claim_problem(pidfd) if claimed and pidfd >= 0 else None
         if pidfd >= 0 and pidfs_available():
             if not inode:
                 inode = os.fstat(pidfd).st_ino
-            return cls(pid, uid, gid, pidfd, inode, GUARD_PIDFS)
-        peer = cls(pid, uid, gid, pidfd)
+            return cls(pid, uid, gid, pidfd, inode, GUARD_PIDFS, pin_problem=problem)
+        peer = cls(pid, uid, gid, pidfd, pin_problem=problem)
         start = _start_time(pid)
         if start is not None and peer.is_alive():
             peer.guard, peer.guard_kind = start, GUARD_STARTTIME
@@ -236,6 +336,12 @@ class Peer(ProcessIdentity):
     def pidfd(self) -> int:
         """The pidfd pinning the sender, or -1 when there is none (owned by this Peer)."""
         return self._pidfd
+
+    @property
+    def pinned(self) -> bool:
+        """True when ``pid`` names the sending process race-free and soundly (a pidfd or
+        audit token pins it, and the sender could not have chosen it)."""
+        return self.pin_problem is None and (self._pidfd >= 0 or self.audit_token is not None)
 
     @property
     def key(self) -> tuple[int, Optional[int]]:
@@ -270,6 +376,8 @@ class Peer(ProcessIdentity):
         the pidfd asked whether the process is still alive: if it is, the pid
         was never reused during the reads, so the answer belongs to it.
         """
+        if self.pin_problem is not None:
+            return self._unknown(self.pin_problem)
         if self._pidfd < 0:
             return self._unknown("unknown: no pidfd pins the sender, so /proc cannot be read race-free")
         try:
@@ -300,6 +408,8 @@ class Peer(ProcessIdentity):
     def _read_exe_macos(self) -> Optional[tuple[str, tuple[int, int]]]:
         from .policies import _macos
 
+        if self.pin_problem is not None:
+            return self._unknown(self.pin_problem)
         if self.audit_token is None:
             return self._unknown("unknown: no audit token for this sender")
         try:
@@ -409,6 +519,9 @@ class Peer(ProcessIdentity):
 
     def _signing_info(self) -> dict:
         if self._signing is None:
+            if self.pin_problem is not None:
+                self._unknown(self.pin_problem)
+                return {}
             if not MACOS:
                 self._signing = {}
                 self._unknown(f"code signatures do not exist on {sys.platform}")
@@ -451,7 +564,8 @@ class Peer(ProcessIdentity):
             pass
 
     def __repr__(self) -> str:
-        return f"Peer(pid={self.pid}, uid={self.uid}, gid={self.gid}, guard={self.guard_kind})"
+        pid = self.pid if self.pin_problem is None else f"{self.pid} (unpinned)" if self.pid > 0 else "unknown"
+        return f"Peer(pid={pid}, uid={self.uid}, gid={self.gid}, guard={self.guard_kind})"
 
 
 # -- peer_of -----------------------------------------------------------------
@@ -503,10 +617,8 @@ def _peer_of_linux(sock: socket.socket) -> Peer:
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
                 raise PeerGone("the socket is not connected: no peer to identify") from None
-        raise NotPermitted(
-            "SO_PEERCRED reports pid 0: the peer is in another pid namespace (or not connected), "
-            "so its identity cannot be verified"
-        )
+        # Another pid namespace the caller cannot see: uid/gid are still the kernel's.
+        return Peer(0, uid, gid)
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as exc:

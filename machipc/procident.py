@@ -71,8 +71,8 @@ class _Pinned:
 class ProcessIdentity:
     """Lazily read, cached, race-free ``cgroup``, ``unit`` and ``security_label``.
 
-    Needs ``pid``, ``_pidfd``, ``is_alive()`` and ``_unknown(reason)`` from the
-    class it is mixed into. Each attribute is None when it cannot be known for
+    Needs ``pid``, ``_pidfd``, ``pin_problem``, ``is_alive()`` and
+    ``_unknown(reason)`` from the class it is mixed into. Each attribute is None when it cannot be known for
     this very process; ``unknown_reason`` then says why.
     """
 
@@ -97,6 +97,8 @@ class ProcessIdentity:
     def _open_pinned(self, name: str) -> Optional[_Pinned]:
         if not _LINUX:
             return self._unknown(f"unknown: /proc/PID/{name} does not exist on {sys.platform}")
+        if self.pin_problem is not None:  # a pid the sender may have chosen (machipc.peer.claim_problem)
+            return self._unknown(self.pin_problem)
         if self._pidfd < 0:
             return self._unknown("unknown: no pidfd pins the sender, so /proc cannot be read race-free")
         try:

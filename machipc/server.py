@@ -327,12 +327,14 @@ class Server:
                 entry = self._peers[conn.id] = (entry[0], self._decisions.decide(entry[0]))
             return entry
         else:
-            if pidfd < 0 and self.pidfd_guard == "pidfd_open":
+            if pidfd < 0 and pid > 0 and self.pidfd_guard == "pidfd_open":
                 try:
                     pidfd = os.pidfd_open(pid)
                 except OSError:
                     pidfd = -1
-            peer = Peer.from_pidfd(pid, uid, gid, pidfd)
+            # The packet's pid is the sender's claim (SCM_CREDENTIALS): attributed only
+            # where the sender could not have chosen it (Peer.pin_problem says why not).
+            peer = Peer.from_pidfd(pid, uid, gid, pidfd, claimed=True)
         decision = self._decisions.decide(peer)
         entry = (peer, decision)
         if peer.guard is not None:
@@ -349,7 +351,7 @@ class Server:
         else:
             self.stats.dropped[reason.name] += 1
         self.rate_log.warning(uid, f"dropped: {reason.name}", "dropped packet from pid %d uid %d: %s", pid, uid, text)
-        if kind == Kind.REQUEST and request_id and status not in (Drop.BAD_MAGIC, Drop.NO_CREDENTIALS):
+        if kind == Kind.REQUEST and request_id and status != Drop.BAD_MAGIC:
             self._answer_error(conn, request_id, code, text)
 
     def _answer_error(self, conn, request_id: int, code: int, text: str) -> None:

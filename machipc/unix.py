@@ -48,6 +48,7 @@ from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
 from ._closer import close_received
 from .payload import MAX_PAYLOAD, map_sealed
+from .peer import OVERFLOW_GID, OVERFLOW_UID
 from .wire import (
     ARENA_REF_SIZE,
     CLIENT_ACCEPTS,
@@ -263,7 +264,9 @@ class Conn:
             status = Drop.CTRUNC
         elif msg_flags & socket.MSG_TRUNC:
             status = Drop.TRUNCATED
-        elif self._server_side and (not creds or pid == 0):
+        elif self._server_side and (not creds or (pid == 0 and uid == OVERFLOW_UID and gid == OVERFLOW_GID)):
+            # pid 0 with real ids is a sender in a pid namespace we cannot see (its ids
+            # are sound); pid 0 with the overflow ids is a packet sent without credentials.
             status = Drop.NO_CREDENTIALS
         hstatus, header = check_header(data, self._accepted)
         if status == Drop.OK:
@@ -288,6 +291,10 @@ class Conn:
 
     def _identify(self, pid: int, uid: int, gid: int, pidfd: int) -> int:
         """The pidfd for a valid packet (or -1, or SAME_PEER); see the module doc."""
+        if pid == 0:  # another pid namespace: no process of ours to pin
+            if pidfd >= 0:
+                os.close(pidfd)
+            return -1
         if pidfd >= 0:
             if not self._pidfs:
                 return pidfd
@@ -333,6 +340,9 @@ class Conn:
             pidfd = self.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
         except OSError:
             self._pidfd_per_packet()  # no pin (old kernel, or the peer already left)
+            return
+        if pid <= 0:  # connected from a pid namespace we cannot see: nothing to pin
+            os.close(pidfd)
             return
         self._peer_pid, self._peer_pidfd, self._peer_ino = pid, pidfd, os.fstat(pidfd).st_ino
 

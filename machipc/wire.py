@@ -83,7 +83,7 @@ class Drop(enum.IntEnum):
     BAD_FLAGS = 6
     BAD_LENGTH = 7  # header length differs from the payload received
     TRUNCATED = 8  # packet larger than the receive buffer
-    NO_CREDENTIALS = 9  # no SCM_CREDENTIALS (or pid 0: sender outside our pid namespace)
+    NO_CREDENTIALS = 9  # no SCM_CREDENTIALS (pid 0 with the overflow uid/gid: sent before SO_PASSCRED)
     UNEXPECTED_FDS = 10  # file descriptors attached (all closed)
     CTRUNC = 11  # control data truncated (fds dropped by the kernel)
     BAD_REQUEST_ID = 12  # one-way with an id, or request without one

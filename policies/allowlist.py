@@ -6,8 +6,11 @@ import os
 import re
 from typing import TYPE_CHECKING, Iterable, Optional
 
+from machipc._printable import printable
+
 from .base import Decision, Policy
 from .code_signature import CodeSignature, build_requirement
+from .same_directory import same_file_problem
 
 if TYPE_CHECKING:
     from machipc.peer import Peer
@@ -44,7 +47,9 @@ class Allowlist(Policy):
 
     * ``uids`` / ``gids``: the kernel-reported uid / gid (the primary gid;
       supplementary groups are not consulted);
-    * ``executables``: exact executable paths (resolved here, once);
+    * ``executables``: exact executable paths (resolved here, once); the running
+      file must be the file the path names in the server's mount namespace
+      (same ``st_dev``/``st_ino``);
     * ``sha256``: SHA-256 digests (hex) of the executable file the process runs;
     * ``team_ids`` (with optional ``identifiers``): macOS Developer ID code of
       one of these teams, checked as a code requirement against the audit token
@@ -116,18 +121,21 @@ class Allowlist(Policy):
                 return Decision.deny(f"gid {peer.gid} is not in the allowed gids {sorted(self.gids)}")
             reasons.append(f"gid {peer.gid} allowed")
         if self.executables is not None:
-            exe = peer.exe
-            if exe is None:
-                return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; not known to be an allowed executable")
+            exe, ident = peer.exe, peer.exe_id
+            if exe is None or ident is None:
+                return Decision.unknown(f"pid {peer.pid}: {peer.unknown_reason}; not known to be an allowed executable")
             if exe not in self.executables:
-                return Decision.deny(f"executable {exe} is not an allowed executable")
-            reasons.append(f"executable {exe} allowed")
+                return Decision.deny(f"executable {printable(exe)} is not an allowed executable")
+            mismatch = same_file_problem(exe, ident)
+            if mismatch is not None:
+                return Decision.deny(mismatch)
+            reasons.append(f"executable {printable(exe)} allowed")
         if self.sha256 is not None:
             digest = peer.exe_sha256
             if digest is None:
-                return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; its digest is not known to be allowed")
+                return Decision.unknown(f"pid {peer.pid}: {peer.unknown_reason}; its digest is not known to be allowed")
             if digest not in self.sha256:
-                return Decision.deny(f"executable {peer.exe} has sha256 {digest}, not an allowed digest")
+                return Decision.deny(f"executable {printable(str(peer.exe))} has sha256 {digest}, not an allowed digest")
             reasons.append(f"sha256 {digest[:16]}... allowed")
         if self._signature is not None:
             d = self._signature.check(peer)

@@ -2,8 +2,14 @@
 
 A policy is any callable taking a :class:`machipc.Peer` and returning a
 :class:`Decision`. Subclassing :class:`Policy` adds the ``&``, ``|`` and ``~``
-operators. Policies must fail closed: when they cannot tell, they deny, and
-their reason says why.
+operators.
+
+Decisions are three-valued: allow, deny, or *unknown* (the policy cannot tell:
+the sender exited, its process cannot be pinned soundly, the policy raised).
+Unknown never lets a sender in, and it stays unknown through ``Not`` and
+through ``AnyOf``/``AllOf`` unless another branch decides on its own
+(Kleene's logic): ``~unknown`` is unknown, ``unknown | allow`` allows,
+``unknown & deny`` denies, and so ``~(unknown & deny)`` allows.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
+
+from machipc._printable import printable
 
 if TYPE_CHECKING:
     from machipc.peer import Peer
@@ -37,10 +45,20 @@ log = logging.getLogger("machipc.policies")
 
 @dataclass(frozen=True)
 class Decision:
-    """A policy's verdict on one sender, with a reason a person can read in a log."""
+    """A policy's verdict on one sender, with a reason a person can read in a log.
+
+    ``allowed`` is what the server acts on. ``known`` is False for "cannot
+    tell" (:meth:`unknown`), which is never allowed and which ``Not`` keeps
+    as it is instead of turning it into an allow.
+    """
 
     allowed: bool
     reason: str
+    known: bool = True
+
+    def __post_init__(self) -> None:
+        if self.allowed and not self.known:
+            raise ValueError("an unknown decision cannot allow")
 
     @classmethod
     def allow(cls, reason: str) -> "Decision":
@@ -50,6 +68,16 @@ class Decision:
     def deny(cls, reason: str) -> "Decision":
         return cls(False, reason)
 
+    @classmethod
+    def unknown(cls, reason: str) -> "Decision":
+        """The policy cannot tell (denies, and stays unknown under ``Not``)."""
+        return cls(False, reason, False)
+
+    @property
+    def state(self) -> str:
+        """``"allow"``, ``"deny"`` or ``"unknown"``."""
+        return "allow" if self.allowed else "deny" if self.known else "unknown"
+
     def __bool__(self) -> bool:
         return self.allowed
 
@@ -57,16 +85,18 @@ class Decision:
 class Policy:
     """Base class for policies; subclasses implement ``check``.
 
-    ``uses_exe`` is True for policies that look at the sender's executable
-    (path, digest, code signature). On Linux a process keeps its pid and pidfd
-    across ``execve()``, so a cached decision of such a policy is only reused
-    while the process still runs the same file (see ``DecisionCache``).
+    ``uses_exe`` is True for policies that may look at the sender's executable
+    (path, digest, code signature, or anything else an ``execve()`` changes).
+    On Linux a process keeps its pid and pidfd across ``execve()``, so a cached
+    decision of such a policy is only reused while the process still runs the
+    same file (see ``DecisionCache``). The default is True, the safe side: a
+    subclass that only reads uid/gid declares ``uses_exe = False``.
     ``uses_cgroup`` and ``uses_label`` say the same of the cgroup (and the
     systemd unit derived from it) and of the LSM label: a process can move
     between cgroups and change label without changing pid.
     """
 
-    uses_exe = False
+    uses_exe = True
     uses_cgroup = False
     uses_label = False
 
@@ -118,20 +148,23 @@ def evaluate(policy: PolicyLike, peer: "Peer") -> Decision:
     """Ask ``policy`` about ``peer``, failing closed.
 
     A policy that raises, or returns something other than a Decision (True or
-    None by mistake), denies: a broken policy must never open the door.
+    None by mistake), gives an *unknown* decision: it denies, also under
+    ``Not``, so a broken policy never opens the door.
     """
     try:
         decision = policy(peer)
     except Exception as exc:
         log.exception("policy %r raised for pid %d", policy, peer.pid)
-        return Decision.deny(f"policy {policy!r} raised {type(exc).__name__}: {exc}")
+        return Decision.unknown(f"policy {policy!r} raised {type(exc).__name__}: {printable(str(exc))}")
     if not isinstance(decision, Decision):
-        return Decision.deny(f"policy {policy!r} returned {type(decision).__name__}, not a Decision")
+        return Decision.unknown(f"policy {policy!r} returned {type(decision).__name__}, not a Decision")
     return decision
 
 
 class SameUser(Policy):
     """Allow senders whose uid equals ``uid`` (default: the server's effective uid)."""
+
+    uses_exe = False
 
     def __init__(self, uid: int | None = None) -> None:
         self.uid = os.geteuid() if uid is None else uid
@@ -148,6 +181,7 @@ class SameUser(Policy):
 class AllowAll(Policy):
     """Allow every sender. Explicit on purpose; logs a warning once when first used."""
 
+    uses_exe = False
     _warned = False
 
     def check(self, peer: "Peer") -> Decision:
@@ -176,33 +210,48 @@ class _Combination(Policy):
 
 
 class AllOf(_Combination):
-    """Allow only if every policy allows; the first denial is the reason."""
+    """Allow only if every policy allows.
+
+    A denial decides at once (it is the reason); otherwise an unknown makes
+    the whole unknown, since the remaining policies cannot make it an allow.
+    """
 
     def check(self, peer: "Peer") -> Decision:
         reasons = []
+        unknown = None
         for p in self.policies:
             d = evaluate(p, peer)
             if not d.allowed:
-                return d
+                if d.known:
+                    return d
+                unknown = unknown or d
+                continue
             reasons.append(d.reason)
+        if unknown is not None:
+            return unknown
         return Decision.allow(" and ".join(reasons))
 
 
 class AnyOf(_Combination):
-    """Allow if any policy allows; a denial lists every reason."""
+    """Allow if any policy allows; otherwise unknown if any was unknown, else deny.
+
+    A denial lists every reason.
+    """
 
     def check(self, peer: "Peer") -> Decision:
         reasons = []
+        known = True
         for p in self.policies:
             d = evaluate(p, peer)
             if d.allowed:
                 return d
+            known = known and d.known
             reasons.append(d.reason)
-        return Decision.deny("; ".join(reasons))
+        return Decision(False, "; ".join(reasons), known)
 
 
 class Not(Policy):
-    """Invert a policy."""
+    """Invert a policy: allow becomes deny and deny allow; unknown stays unknown (denies)."""
 
     def __init__(self, policy: PolicyLike) -> None:
         self.policy = as_policy(policy)
@@ -212,6 +261,8 @@ class Not(Policy):
 
     def check(self, peer: "Peer") -> Decision:
         d = evaluate(self.policy, peer)
+        if not d.known:
+            return Decision.unknown(f"not ({d.reason}): cannot tell, so not inverted")
         return Decision(not d.allowed, f"not ({d.reason})")
 
     def __repr__(self) -> str:

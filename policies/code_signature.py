@@ -8,25 +8,27 @@ the message, as the kernel runs it. That is a real security boundary.
 
 When Security.framework cannot be used, the ``codesign`` tool is the fallback
 (and the diagnostic): ``codesign --verify --strict -R =<requirement> -- <path>``
-on a path that names the very file the process runs (on Linux
-``/proc/self/fd/<n>`` of a descriptor opened through ``/proc/<pid>/exe``; on
-macOS the audit-token path, checked to be the same file before and after), never
-a bare pid, which ``codesign`` would resolve on its own, racily. Exit codes:
+on the audit-token path of the very file the process runs, checked to be the
+same file before and after, never a bare pid, which ``codesign`` would resolve
+on its own, racily. Exit codes:
 0 valid, 1 invalid, 2 usage error, 3 requirement not met; anything else, a
 timeout or a missing tool denies.
 
-Without macOS there are no code signatures: the policy denies everyone, with
-that reason, and never allows.
+Without macOS there are no code signatures: the policy's decision is always
+*unknown* (it denies, also under ``Not``), with that reason, and it runs
+nothing. On macOS the fallback runs ``/usr/bin/codesign`` (never a ``codesign``
+found on ``PATH``) or an absolute ``codesign=`` path given by the caller.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
+
+from machipc._printable import printable
 
 from .base import Decision, Policy
 
@@ -170,6 +172,8 @@ class CodeSignature(Policy):
         self.team_id = team_id
         self.cdhash = cdhash
         self.timeout = timeout
+        if codesign is not None and not os.path.isabs(codesign):
+            raise ValueError(f"codesign must be an absolute path (PATH is never searched), not {codesign!r}")
         self._codesign = codesign
         self._unusable: Optional[str] = None
 
@@ -204,7 +208,14 @@ class CodeSignature(Policy):
     # -- checking -------------------------------------------------------------
 
     def check(self, peer: "Peer") -> Decision:
-        if MACOS and peer.audit_token is not None:
+        if not MACOS:
+            return Decision.unknown(
+                f"code signatures do not exist on {sys.platform}: pid {peer.pid}'s code cannot be checked "
+                f"against {self.requirement!r}"
+            )
+        if peer.pin_problem is not None:
+            return Decision.unknown(f"pid {peer.pid}: {peer.pin_problem}")
+        if peer.audit_token is not None:
             decision = self._check_security_framework(peer)
             if decision is not None:
                 return decision
@@ -223,49 +234,50 @@ class CodeSignature(Policy):
         return Decision.deny(f"pid {peer.pid}'s code: {text} (requirement {self.requirement!r})")
 
     def codesign_path(self) -> Optional[str]:
-        """The ``codesign`` tool used by the fallback (``/usr/bin/codesign`` first)."""
+        """The ``codesign`` tool of the macOS fallback: ``codesign=`` if given, else
+        ``/usr/bin/codesign``; None where there is none (and always off macOS).
+
+        ``PATH`` is never searched: a server must not run whatever a directory on
+        its ``PATH`` holds under that name.
+        """
+        if not MACOS:
+            return None
         if self._codesign:
             return self._codesign
-        if os.path.exists("/usr/bin/codesign"):
-            return "/usr/bin/codesign"
-        return shutil.which("codesign")
+        return "/usr/bin/codesign" if os.path.exists("/usr/bin/codesign") else None
 
     def _check_codesign(self, peer: "Peer") -> Decision:
         tool = self.codesign_path()
         if tool is None:
-            return Decision.deny(
-                f"cannot check pid {peer.pid}'s code signature: no codesign tool "
-                f"(code signatures are a macOS feature; this policy denies everyone on {sys.platform})"
-            )
+            return Decision.unknown(f"cannot check pid {peer.pid}'s code signature: no /usr/bin/codesign")
         with _RaceFreePath(peer) as target:
             if target.path is None:
-                return Decision.deny(f"pid {peer.pid}: {target.error}")
+                return Decision.unknown(f"pid {peer.pid}: {target.error}")
             argv = [tool, "--verify", "--strict", "-R", "=" + self.requirement, "--", target.path]
             try:
                 done = subprocess.run(
                     argv,
                     capture_output=True,
                     timeout=self.timeout,
-                    pass_fds=target.pass_fds,
                     stdin=subprocess.DEVNULL,
                 )
             except subprocess.TimeoutExpired:
-                return Decision.deny(f"codesign did not answer within {self.timeout} s for pid {peer.pid}")
+                return Decision.unknown(f"codesign did not answer within {self.timeout} s for pid {peer.pid}")
             except OSError as exc:
-                return Decision.deny(f"cannot run {tool}: {exc.strerror or exc}")
+                return Decision.unknown(f"cannot run {tool}: {exc.strerror or exc}")
             still = target.still_same()
         if still is not None:
-            return Decision.deny(f"pid {peer.pid}: {still}")
+            return Decision.unknown(f"pid {peer.pid}: {still}")
         allowed, meaning = CODESIGN_EXIT.get(done.returncode, (False, f"codesign exited with status {done.returncode}"))
         detail = _last_line(done.stderr)
-        what = f"{target.shown} (pid {peer.pid}) {meaning}"
+        what = f"{printable(target.shown)} (pid {peer.pid}) {meaning}"
         if allowed:
             return Decision.allow(f"{what}: {self.requirement!r}")
         if done.returncode == 3:
             signed = self.describe(peer)
             if signed:
                 what += f" (signed as identifier {signed.get('identifier')}, team {signed.get('team_id') or 'none'})"
-        return Decision.deny(f"{what}: {self.requirement!r}" + (f" [{detail}]" if detail else ""))
+        return Decision.deny(f"{what}: {self.requirement!r}" + (f" [{printable(detail)}]" if detail else ""))
 
     def describe(self, peer: "Peer") -> dict:
         """``codesign -dv --verbose=4`` of the sender's executable, parsed (empty if unavailable)."""
@@ -280,7 +292,6 @@ class CodeSignature(Policy):
                     [tool, "-dv", "--verbose=4", "--", target.path],
                     capture_output=True,
                     timeout=self.timeout,
-                    pass_fds=target.pass_fds,
                     stdin=subprocess.DEVNULL,
                 )
             except (OSError, subprocess.TimeoutExpired):
@@ -294,12 +305,11 @@ class CodeSignature(Policy):
 
 
 class _RaceFreePath:
-    """A path naming the very file a process runs, for a tool that takes paths.
+    """The path of the very file a process runs, for a tool that takes paths (macOS).
 
-    Linux: ``/proc/<pid>/exe`` is opened (O_PATH) and handed to the tool as
-    ``/proc/self/fd/<n>``, so it reads that inode whatever happens to the name.
-    Elsewhere: the kernel-reported path, with the same (dev, inode) required
-    before and after the tool ran, and the process required to be the same.
+    The kernel-reported (audit-token) path, with the same (dev, inode)
+    required before and after the tool ran, and the process required to be
+    the same.
     """
 
     def __init__(self, peer: "Peer") -> None:
@@ -307,8 +317,6 @@ class _RaceFreePath:
         self.path: Optional[str] = None
         self.shown = "executable"
         self.error = ""
-        self.pass_fds: tuple[int, ...] = ()
-        self._fd = -1
         self._ident: Optional[tuple[int, int]] = None
 
     def __enter__(self) -> "_RaceFreePath":
@@ -318,21 +326,7 @@ class _RaceFreePath:
         if ident is None or exe is None:
             self.error = str(peer.unknown_reason or "executable unknown")
             return self
-        self._ident, self.shown = ident, exe
-        if sys.platform.startswith("linux"):
-            try:
-                fd = os.open(f"/proc/{peer.pid}/exe", os.O_PATH | os.O_CLOEXEC)
-            except OSError as exc:
-                self.error = f"cannot open /proc/{peer.pid}/exe: {exc.strerror}"
-                return self
-            self._fd = fd
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != ident or not peer.is_alive():
-                self.error = "unknown: the process exited or exec'd another program during the check"
-                return self
-            self.path, self.pass_fds = f"/proc/self/fd/{fd}", (fd,)
-        else:
-            self.path = exe
+        self._ident, self.shown, self.path = ident, exe, exe
         return self
 
     def still_same(self) -> Optional[str]:
@@ -341,19 +335,16 @@ class _RaceFreePath:
             return "unknown: the process exited during the check"
         if self.peer.refresh_exe() != self._ident:
             return "the process exec'd another program during the check"
-        if self._fd < 0:
-            try:
-                st = os.stat(self.path)  # type: ignore[arg-type]
-            except OSError as exc:
-                return f"{self.path} vanished during the check: {exc.strerror}"
-            if (st.st_dev, st.st_ino) != self._ident:
-                return f"{self.path} was replaced during the check"
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError as exc:
+            return f"{printable(str(self.path))} vanished during the check: {exc.strerror}"
+        if (st.st_dev, st.st_ino) != self._ident:
+            return f"{printable(str(self.path))} was replaced during the check"
         return None
 
     def __exit__(self, *exc_info) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        pass
 
 
 def _last_line(data: bytes) -> str:
@@ -370,7 +361,7 @@ class _Never(Policy):
         self.reason = reason
 
     def check(self, peer: "Peer") -> Decision:
-        return Decision.deny(self.reason)
+        return Decision.unknown(self.reason)
 
     def __repr__(self) -> str:
         return f"<CodeSignature that denies: {self.reason}>"

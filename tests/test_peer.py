@@ -257,10 +257,15 @@ def test_peer_of_fallback_detects_hung_up_peer():
         peer_of(FakeSock(a, {peer_mod.SO_PEERPIDFD: -errno.ENOPROTOOPT}))
 
 
-def test_peer_of_pid_zero_is_refused():
+def test_peer_of_pid_zero_is_a_peer_with_ids_and_no_process():
+    """A peer in a pid namespace we cannot see: uid/gid from the kernel, pid unknown."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with a, b, pytest.raises(machipc.NotPermitted, match="pid namespace"):
-        peer_of(FakeSock(a, {socket.SO_PEERCRED: struct.pack("3i", 0, 65534, 65534)}))
+    with a, b:
+        p = peer_of(FakeSock(a, {socket.SO_PEERCRED: struct.pack("3i", 0, 1234, 5678)}))
+        assert (p.pid, p.uid, p.gid, p.pidfd, p.guard) == (0, 1234, 5678, -1, None)
+        assert not p.pinned and "pid namespace" in p.pin_problem
+        assert p.exe is None and p.exe_sha256 is None and "pid unknown" in p.unknown_reason
+        assert "pid=unknown" in repr(p)
 
 
 def test_peer_of_macos_token_and_old_fallback(monkeypatch):

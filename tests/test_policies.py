@@ -28,8 +28,10 @@ from machipc.policies import (
     SameUser,
     evaluate,
     is_exe_based,
+    loads,
 )
 from machipc.policies import allowlist as allowlist_mod
+from machipc.policies import code_signature
 from machipc.policies.code_signature import CODESIGN_EXIT, build_requirement, parse_codesign_display
 
 LINUX = sys.platform.startswith("linux")
@@ -79,6 +81,81 @@ def test_evaluate_fails_closed():
     assert not (SameUser() & broken)(p).allowed
 
 
+class Fixed(Policy):
+    """A policy with a fixed outcome: "allow", "deny", "unknown", "raises" or "junk" (not a Decision)."""
+
+    uses_exe = False
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def check(self, peer):
+        if self.outcome == "raises":
+            raise ZeroDivisionError("broken policy")
+        if self.outcome == "junk":
+            return True
+        return {"allow": Decision.allow, "deny": Decision.deny, "unknown": Decision.unknown}[self.outcome](self.outcome)
+
+    def __repr__(self):
+        return f"Fixed({self.outcome!r})"
+
+
+A, D = Fixed("allow"), Fixed("deny")
+
+
+@pytest.mark.parametrize("how", ["unknown", "raises", "junk"])
+def test_unknown_denies_through_every_combinator(how):
+    """F6: "cannot tell" (an unknown decision, a policy that raises or returns junk) never
+    turns into an allow: Kleene's three-valued logic, unknown treated as deny at the end."""
+    u = Fixed(how)
+    peer = Peer(0, 1000, 1000)
+    expect = {
+        "u": (u, "unknown"),
+        "~u": (~u, "unknown"),
+        "Not(u)": (Not(u), "unknown"),
+        "~~u": (~~u, "unknown"),
+        "u | D": (u | D, "unknown"),
+        "D | u": (D | u, "unknown"),
+        "AnyOf(D, u, D)": (AnyOf(D, u, D), "unknown"),
+        "u | A": (u | A, "allow"),
+        "A | u": (A | u, "allow"),
+        "u & A": (u & A, "unknown"),
+        "A & u": (A & u, "unknown"),
+        "AllOf(A, u, A)": (AllOf(A, u, A), "unknown"),
+        "u & D": (u & D, "deny"),
+        "D & u": (D & u, "deny"),
+        "~(u | D)": (~(u | D), "unknown"),
+        "~(u & A)": (~(u & A), "unknown"),
+        "~(u & D)": (~(u & D), "allow"),  # false whatever u is
+        "~(u | A)": (~(u | A), "deny"),  # true whatever u is
+        "AnyOf(~u, ~D & u)": (AnyOf(~u, ~D & u), "unknown"),
+    }
+    for text, (policy, state) in expect.items():
+        d = evaluate(policy, peer)
+        assert d.state == state, f"{text} with u={how}: {d}"
+        assert d.allowed == (state == "allow")
+
+
+@pytest.mark.parametrize(
+    "text, state",
+    [
+        ('not = { same_directory = "/opt/example/libexec" }', "unknown"),
+        ('not = { code_signature = { team_id = "ABCDE12345" } }', "unknown"),
+        ('any_of = [{ same_directory = "/opt/x" }, { same_user = { uid = 424242 } }]', "unknown"),
+        ('not = { any_of = [{ same_directory = "/opt/x" }, { same_user = { uid = 424242 } }] }', "unknown"),
+        ('all_of = [{ same_directory = "/opt/x" }, { same_user = { uid = 1000 } }]', "unknown"),
+        ('not = { all_of = [{ same_directory = "/opt/x" }, { same_user = { uid = 1000 } }] }', "unknown"),
+        ('not = { all_of = [{ same_directory = "/opt/x" }, { same_user = { uid = 424242 } }] }', "allow"),
+        ('any_of = [{ same_directory = "/opt/x" }, { same_user = { uid = 1000 } }]', "allow"),
+    ],
+)
+def test_unknown_denies_through_toml_combinators(text, state):
+    """The same through policy files: the sender's pid is unknown (another pid namespace),
+    so its executable is, and uid 1000 decides only where it can on its own."""
+    d = loads("[policy]\n" + text)(Peer(0, 1000, 1000))
+    assert d.state == state, d
+
+
 @needs_linux
 def test_allow_all_warns_once(caplog, monkeypatch):
     monkeypatch.setattr(AllowAll, "_warned", False)
@@ -95,6 +172,13 @@ def test_uses_exe_propagates():
     assert not is_exe_based(SameUser() | Allowlist(uids=[0]))
     assert is_exe_based(Allowlist(uids=[0], sha256=["a" * 64]))
     assert is_exe_based(lambda peer: Decision.allow("?"))  # unknown callables count as exe-based
+
+    class Mine(Policy):  # F10: a subclass that does not say is taken to look at the executable
+        def check(self, peer):
+            return Decision.allow("?")
+
+    assert is_exe_based(Mine()) and is_exe_based(SameUser() | Mine())
+    assert not is_exe_based(SameUser()) and not is_exe_based(AllowAll())
 
 
 # -- SameDirectory -----------------------------------------------------------------------------
@@ -158,12 +242,9 @@ def test_allowlist_refuses_mistakes():
 
 
 @needs_linux
-def test_allowlist_team_ids_deny_without_codesign(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    if os.path.exists("/usr/bin/codesign"):
-        pytest.skip("a real codesign is installed")
+def test_allowlist_team_ids_are_unknown_on_linux():
     d = Allowlist(team_ids=[TEAM], identifiers=["org.example.helper"])(me())
-    assert not d.allowed and "no codesign tool" in d.reason
+    assert d.state == "unknown" and "code signatures do not exist on linux" in d.reason
 
 
 # -- CodeSignature -----------------------------------------------------------------------------------
@@ -196,18 +277,26 @@ def test_requirements_built_with_anchor_and_developer_id_markers():
 
 
 @needs_linux
-def test_code_signature_denies_where_codesign_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    if os.path.exists("/usr/bin/codesign"):
-        pytest.skip("a real codesign is installed")
-    d = CodeSignature(team_id=TEAM)(me())
-    assert not d.allowed and "no codesign tool" in d.reason and "denies everyone" in d.reason
+def test_code_signature_on_linux_runs_nothing_from_path(stand_in, monkeypatch):
+    """F7: a ``codesign`` that would exit 0, first on the server's PATH, is never run on Linux."""
+    monkeypatch.setattr(code_signature, "MACOS", False)
+    for policy in (CodeSignature(team_id=TEAM), ~CodeSignature(team_id=TEAM), Allowlist(team_ids=[TEAM])):
+        d = evaluate(policy, me())
+        assert d.state == "unknown" and "code signatures do not exist on linux" in d.reason, d
+    assert stand_in() == []
+    assert CodeSignature(team_id=TEAM).codesign_path() is None
+
+
+def test_codesign_tool_must_be_an_absolute_path():
+    with pytest.raises(ValueError, match="absolute"):
+        CodeSignature(team_id=TEAM, codesign="codesign")
 
 
 @needs_linux
 def test_like_me_on_linux_denies_with_reason():
     d = CodeSignature.like_me()(me())
-    assert not d.allowed and "do not exist on linux" in d.reason
+    assert d.state == "unknown" and "do not exist on linux" in d.reason
+    assert evaluate(~CodeSignature.like_me(), me()).state == "unknown"
 
 
 STAND_IN = textwrap.dedent(
@@ -233,11 +322,11 @@ STAND_IN = textwrap.dedent(
 
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
-    """A fake ``codesign`` first on PATH (Linux has none). It proves the command
-    line machipc builds and the exit-code mapping; it proves nothing about
-    Apple's tool or Security.framework, which only a Mac can."""
-    if os.path.exists("/usr/bin/codesign"):
-        pytest.skip("/usr/bin/codesign exists and takes precedence over PATH")
+    """A fake ``codesign``, first on PATH (Linux has none). With the module made to
+    believe it runs on macOS (``mac_policy``) and the stand-in given as ``codesign=``,
+    it proves the command line machipc builds for the macOS fallback and the
+    exit-code mapping; it proves nothing about Apple's tool or Security.framework,
+    which only a Mac can."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     tool = bindir / "codesign"
@@ -256,29 +345,37 @@ def stand_in(tmp_path, monkeypatch):
                 out.append((argv, (tmp_path / f"{name}.cmp").read_text().strip()))
         return out
 
+    calls.tool = str(tool)
     return calls
 
 
+@pytest.fixture
+def mac_policy(stand_in, monkeypatch):
+    """``CodeSignature(...)`` taking its macOS fallback path, with the stand-in as the tool."""
+    monkeypatch.setattr(code_signature, "MACOS", True)
+    return lambda **kw: CodeSignature(codesign=stand_in.tool, **kw)
+
+
 @needs_linux
-def test_codesign_command_line_is_race_free(stand_in):
-    """Stand-in codesign: the argv is --verify --strict -R =<req> -- /proc/self/fd/N,
+def test_codesign_command_line_names_the_file_not_a_pid(stand_in, mac_policy):
+    """Stand-in codesign: the argv is --verify --strict -R =<req> -- <exe path>,
     and that path names the very file the sender runs (never a bare pid)."""
-    policy = CodeSignature(identifier="org.example.helper", team_id=TEAM)
+    policy = mac_policy(identifier="org.example.helper", team_id=TEAM)
     d = policy(me())
     assert d.allowed, d.reason
     [(argv, same)] = stand_in()
     assert argv[:4] == ["--verify", "--strict", "-R", "=" + policy.requirement]
-    assert argv[4] == "--" and argv[5].startswith("/proc/self/fd/")
+    assert argv[4] == "--" and argv[5] == SELF_EXE
     assert same == "same"
     assert not any(a == str(os.getpid()) for a in argv)
 
 
 @needs_linux
 @pytest.mark.parametrize("code", [1, 2, 3, 7])
-def test_codesign_exit_codes_map_to_denials(stand_in, monkeypatch, code):
+def test_codesign_exit_codes_map_to_denials(stand_in, mac_policy, monkeypatch, code):
     """Stand-in codesign: every non-zero exit denies, with what the status means."""
     monkeypatch.setenv("CODESIGN_EXIT", str(code))
-    d = CodeSignature(team_id=TEAM)(me())
+    d = mac_policy(team_id=TEAM)(me())
     assert not d.allowed
     meaning = CODESIGN_EXIT[code][1] if code in CODESIGN_EXIT else f"codesign exited with status {code}"
     assert meaning in d.reason and f"stand-in: exit {code}" in d.reason
@@ -288,20 +385,20 @@ def test_codesign_exit_codes_map_to_denials(stand_in, monkeypatch, code):
 
 
 @needs_linux
-def test_codesign_timeout_denies(stand_in, monkeypatch):
-    """Stand-in codesign that hangs: the check gives up and denies."""
+def test_codesign_timeout_is_unknown(mac_policy, monkeypatch):
+    """Stand-in codesign that hangs: the check gives up: unknown, so denied."""
     monkeypatch.setenv("CODESIGN_SLEEP", "5")
-    d = CodeSignature(team_id=TEAM, timeout=0.3)(me())
-    assert not d.allowed and "did not answer" in d.reason
+    d = mac_policy(team_id=TEAM, timeout=0.3)(me())
+    assert d.state == "unknown" and "did not answer" in d.reason
 
 
 @needs_linux
-def test_codesign_for_exited_sender_is_unknown(stand_in):
+def test_codesign_for_exited_sender_is_unknown(stand_in, mac_policy):
     proc = subprocess.Popen([shutil.which("true")])
     peer = Peer.from_pidfd(proc.pid, 0, 0, os.pidfd_open(proc.pid))
     proc.wait()
-    d = CodeSignature(team_id=TEAM)(peer)
-    assert not d.allowed and "unknown" in d.reason
+    d = mac_policy(team_id=TEAM)(peer)
+    assert d.state == "unknown" and "unknown" in d.reason
     assert stand_in() == []  # codesign never ran on anything
 
 
