@@ -23,6 +23,7 @@ class SecurityLabel(Policy):
     Where no LSM labels processes, every sender is denied with that reason.
     """
 
+    uses_exe = False
     uses_label = True
 
     def __init__(self, *labels: str) -> None:
@@ -33,7 +34,7 @@ class SecurityLabel(Policy):
     def check(self, peer: "Peer") -> Decision:
         label = peer.security_label
         if label is None:
-            return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; its label is not known to be allowed")
+            return Decision.unknown(f"pid {peer.pid}: {peer.unknown_reason}; its label is not known to be allowed")
         if label in self.labels:
             return Decision.allow(f"security label {label!r} allowed")
         return Decision.deny(f"security label {label!r} is not one of {sorted(self.labels)}")

@@ -63,6 +63,7 @@ class SystemdUnit(Policy):
     namespace, exited) is denied with the reason.
     """
 
+    uses_exe = False
     uses_cgroup = True
 
     def __init__(self, *names: str) -> None:
@@ -75,7 +76,7 @@ class SystemdUnit(Policy):
     def check(self, peer: "Peer") -> Decision:
         unit = peer.unit
         if unit is None:
-            return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; not known to run in {self._show()}")
+            return Decision.unknown(f"pid {peer.pid}: {peer.unknown_reason}; not known to run in {self._show()}")
         if unit in self._exact or any(p.match(unit) for p in self._globs):
             return Decision.allow(f"unit {unit!r} allowed")
         return Decision.deny(f"unit {unit!r} is not {self._show()}")
@@ -96,6 +97,7 @@ class Cgroup(Policy):
     that namespace, or whose cgroup cannot be read, is denied with the reason.
     """
 
+    uses_exe = False
     uses_cgroup = True
 
     def __init__(self, *paths: str) -> None:
@@ -106,7 +108,7 @@ class Cgroup(Policy):
     def check(self, peer: "Peer") -> Decision:
         path = peer.cgroup
         if path is None:
-            return Decision.deny(f"pid {peer.pid}: {peer.unknown_reason}; not known to be in {self._show()}")
+            return Decision.unknown(f"pid {peer.pid}: {peer.unknown_reason}; not known to be in {self._show()}")
         if _cg.outside_namespace(path):
             return Decision.deny(f"cgroup {path!r} is outside the server's cgroup namespace")
         for allowed in self.paths:
