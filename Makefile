@@ -50,7 +50,7 @@ bench-quick: install $(BENCH_DEPS) bench/bin/c_floor
 
 # Cross-compiles machipc/_mach.pyx for aarch64/x86_64 macOS with zig (tools/macos_check.py).
 macos-check: $(VPY)
-	$(VPY) tools/macos_check.py
+	@$(VPY) tools/macos_check.py || { rc=$$?; [ $$rc -eq 2 ] && echo "macos-check: SKIPPED: ziglang cannot be installed here"; [ $$rc -eq 2 ]; }
 
 # Reliability (issue 8): long fuzz run, 1M-message soak, ASan build of the C transport.
 FUZZ_SECONDS ?= 300

@@ -127,12 +127,6 @@ cdef extern from "_mach_layout.h" nogil:
     kern_return_t bootstrap_look_up(mach_port_t bp, const char *service_name, mach_port_t *sp)
 
 
-cdef extern from "<libproc.h>" nogil:
-    enum:
-        PROC_PIDPATHINFO_MAXSIZE
-    int proc_pidpath_audittoken(audit_token_t *audittoken, void *buffer, uint32_t buffersize)
-
-
 cdef extern from "<sys/event.h>" nogil:
     struct kevent64_s:
         uint64_t ident

@@ -437,23 +437,6 @@ cdef class Receiver:
         mach_msg_destroy(<mach_msg_header_t *>self.buf)  # reply right, voucher, ports
 
 
-# -- identity --------------------------------------------------------------------
-
-def pidpath(bytes audit_token):
-    """Executable of the process named by ``audit_token`` (None if it exited or the pid was reused)."""
-    if len(audit_token) != sizeof(audit_token_t):
-        raise InvalidArgument("an audit token is 32 bytes")
-    cdef audit_token_t tok
-    cdef char path[PROC_PIDPATHINFO_MAXSIZE]
-    cdef int n
-    memcpy(&tok, <const char *>audit_token, sizeof(audit_token_t))
-    with nogil:
-        n = proc_pidpath_audittoken(&tok, path, PROC_PIDPATHINFO_MAXSIZE)
-    if n <= 0:
-        return None
-    return os.fsdecode(path[:n])
-
-
 # -- asyncio ---------------------------------------------------------------------
 
 cdef class KQueue:

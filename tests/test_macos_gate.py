@@ -47,12 +47,14 @@ def test_gate_passes_for_both_targets(tmp_path):
         assert entry["mach_o"]
         syms = set(entry["libsystem_symbols"])
         for needed in ("_mach_msg", "_mach_msg_destroy", "_bootstrap_check_in", "_bootstrap_look_up",
-                       "_vm_deallocate", "_mach_port_set_attributes", "_proc_pidpath_audittoken", "_kevent64"):
+                       "_vm_deallocate", "_mach_port_set_attributes", "_kevent64"):
             assert needed in syms, (target, needed)
         assert entry["undefined_python"] > 0
         assert entry["not_in_libsystem_tbd"] == [] and entry["strict_link_unresolved_non_python"] == []
         assert (tmp_path / "out" / target / "_mach.so").read_bytes()[:4] == b"\xcf\xfa\xed\xfe"
     assert report["static_asserts"] >= 40
+    assert report["min_macos"] == "11.0"
+    assert "sources from the sdist" in output and "'boundscheck': False" in output
 
 
 def test_gate_fails_on_typo_in_sdk_declared_call(tmp_path):
@@ -89,3 +91,33 @@ def test_gate_fails_on_wrong_layout_constant(tmp_path):
     rc, output, report = run_gate(tmp_path, "--src", str(src), "--targets", "aarch64-macos")
     assert rc == 1, output
     assert "MACHMSG_OFF_TRAILER_AUDIT" in output
+
+
+def test_gate_fails_on_api_newer_than_the_minimum_macos(tmp_path):
+    """An API newer than MIN_MACOS is an error, not a warning (review finding 17)."""
+    src = copy_sources(tmp_path)
+    p = src / "_mach_layout.h"
+    p.write_text(p.read_text().replace(
+        "#endif", "#include <unistd.h>\nstatic inline long machipc_probe(void) { return (long)&freadlink; }\n#endif"))
+    p = src / "_mach.pxd"
+    p.write_text(p.read_text() + "\ncdef extern from \"_mach_layout.h\":\n    long machipc_probe()\n")
+    p = src / "_mach.pyx"
+    p.write_text(p.read_text() + "\ndef _probe():\n    return machipc_probe()\n")
+    rc, output, report = run_gate(tmp_path, "--src", str(src), "--targets", "x86_64-macos")
+    assert rc == 1, output
+    assert "freadlink" in output and "macOS 13.0" in output
+
+
+def test_gate_fails_when_the_sdist_lacks_a_source(tmp_path):
+    """The gate builds from an sdist: a file left out of it fails (review finding 12)."""
+    root = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, root / name)
+    p = root / "pyproject.toml"
+    p.write_text(p.read_text().replace(', "_mach_layout.h"', ""))
+    rc, output, report = run_gate(tmp_path, "--root", str(root))
+    assert rc == 1, output
+    assert "the sdist lacks _mach_layout.h" in output

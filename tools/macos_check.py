@@ -14,17 +14,30 @@ shipped in the ``ziglang`` wheel, then fails unless
     symbol (``-undefined dynamic_lookup`` alone would hide a typo'd Mach call);
 (c) the ``_Static_assert``\\ s of ``machipc/_mach_layout.h`` hold (they are part of
     the compile) and the compiler really enforces ``_Static_assert`` (a probe
-    with a false assertion must fail to compile).
+    with a false assertion must fail to compile);
+(d) nothing used is newer than the minimum macOS docs/macos.md states
+    (:data:`MIN_MACOS`): both targets are compiled for that version with
+    ``-Werror=unguarded-availability(-new)``, and a probe calling an 11.0 API
+    for 10.15 must fail, so the check is known to be live.
+
+The sources are those of an sdist built from the tree (``setup.py sdist``), so
+a file missing from the sdist fails the gate; the C is generated with the
+Cython directives ``setup.py`` uses. Every undefined symbol is checked against
+the libSystem exports listed for *its* architecture in the SDK's tbd
+(``arm64`` accepts ``arm64e`` entries: zig's trimmed tbds list only those).
+Not covered (only a Mac can): the runtime Python headers (these are the host's
+CPython's), the ctypes side (policies/_macos.py, peer.py), and behaviour.
 
 Results go to ``.macos-check/`` (``report.json`` + the two ``.so`` files).
 Exit status 0 when every check passes, 1 otherwise, 2 when ziglang cannot be
-installed. ``--src DIR`` checks another copy of the sources (the tests inject a
-typo that way).
+installed. ``--src DIR`` checks another copy of the sources instead of the
+sdist's (the tests inject a typo that way).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import json
 import os
@@ -34,16 +47,22 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("_mach.pyx", "_mach.pxd", "_mach_layout.h")
 TARGETS = {
-    # zig target: (Mach-O cputype, tbd arch name)
-    "aarch64-macos": (0x0100000C, "arm64"),
-    "x86_64-macos": (0x01000007, "x86_64"),
+    # zig target: (Mach-O cputype, tbd targets whose exports this arch may link)
+    "aarch64-macos": (0x0100000C, ("arm64-macos", "arm64e-macos")),
+    "x86_64-macos": (0x01000007, ("x86_64-macos",)),
 }
+#: The oldest macOS machipc supports (docs/macos.md): Apple silicon's first, and the
+#: first with proc_pidpath_audittoken (API_AVAILABLE(macos(11.0)) in <libproc.h>),
+#: which machipc.peer calls through ctypes.
+MIN_MACOS = "11.0"
+AVAILABILITY = ("-Werror=unguarded-availability", "-Werror=unguarded-availability-new")
 MH_MAGIC_64 = 0xFEEDFACF
 MH_DYLIB, MH_BUNDLE = 6, 8
 LC_SYMTAB = 0x2
@@ -80,8 +99,37 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
+def sdist_sources(out: Path, root: Path = ROOT) -> Path:
+    """Build an sdist of the tree at ``root`` and return its unpacked ``machipc`` directory."""
+    dist = out / "sdist"
+    if dist.exists():
+        shutil.rmtree(dist)
+    dist.mkdir(parents=True)
+    env = dict(os.environ, MACHIPC_PURE_PYTHON="1")  # an sdist needs no extension build
+    r = run([sys.executable, "setup.py", "-q", "sdist", "--formats=gztar", "-d", str(dist)], cwd=root, env=env)
+    tarballs = list(dist.glob("*.tar.gz"))
+    if r.returncode != 0 or len(tarballs) != 1:
+        raise GateError(f"setup.py sdist failed:\n{_tail(r.stdout + r.stderr)}")
+    with tarfile.open(tarballs[0]) as tar:
+        tar.extractall(dist, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dist)
+    src = next(dist.glob("*/machipc"))
+    missing = [name for name in SOURCES if not (src / name).exists()]
+    if missing:
+        raise GateError(f"the sdist lacks {', '.join(missing)}: installing it on macOS would fail")
+    return src
+
+
+def setup_directives() -> dict:
+    """The ``compiler_directives`` literal of setup.py's cythonize() call."""
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "compiler_directives":
+            return ast.literal_eval(node.value)
+    raise GateError("setup.py has no compiler_directives= for cythonize(): the gate cannot match them")
+
+
 def cythonize(src: Path, out: Path) -> Path:
-    """Cythonize ``src/_mach.pyx`` (with its .pxd and header) into ``out/_mach.c``."""
+    """Cythonize ``src/_mach.pyx`` (with its .pxd and header) into ``out/_mach.c``,
+    with setup.py's compiler directives."""
     work = out / "src" / "machipc"
     if work.exists():
         shutil.rmtree(work)
@@ -90,7 +138,8 @@ def cythonize(src: Path, out: Path) -> Path:
         shutil.copy(src / name, work / name)
     (work / "__init__.py").write_text("")
     c_file = work / "_mach.c"
-    r = run([sys.executable, "-m", "cython", "-3", "--fast-fail", "--module-name", "machipc._mach",
+    directives = [arg for key, value in setup_directives().items() for arg in ("-X", f"{key}={value}")]
+    r = run([sys.executable, "-m", "cython", "-3", "--fast-fail", "--module-name", "machipc._mach", *directives,
              "-o", str(c_file), str(work / "_mach.pyx")])
     if r.returncode != 0:
         raise GateError(f"cython failed:\n{r.stdout}{r.stderr}")
@@ -100,8 +149,9 @@ def cythonize(src: Path, out: Path) -> Path:
     return c_file
 
 
-def zig_cc(target: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "ziglang", "cc", "-target", target, *args]
+def zig_cc(target: str, *args: str, macos: str = MIN_MACOS) -> list[str]:
+    """zig cc for ``target`` at deployment target ``macos`` (zig's default would be its newest)."""
+    return [sys.executable, "-m", "ziglang", "cc", "-target", f"{target}.{macos}", *args]
 
 
 def compile_target(target: str, c_file: Path, out: Path) -> dict:
@@ -112,7 +162,7 @@ def compile_target(target: str, c_file: Path, out: Path) -> dict:
     include = sysconfig.get_paths()["include"]
     t0 = time.monotonic()
     r = run(zig_cc(target, "-c", "-O1", "-fPIC", "-Werror=implicit-function-declaration",
-                   "-Werror=incompatible-pointer-types", "-Wno-unused-function", "-I", include,
+                   "-Werror=incompatible-pointer-types", *AVAILABILITY, "-Wno-unused-function", "-I", include,
                    "-I", str(c_file.parent), "-o", str(obj), str(c_file)))
     if r.returncode != 0:
         raise GateError(f"{target}: compile failed:\n{_tail(r.stderr)}")
@@ -158,11 +208,24 @@ def macho_undefined(path: Path, cputype: int) -> list[str]:
     return sorted(set(symbols))
 
 
-def libsystem_exports(zig_dir: Path) -> set[str]:
-    tbd = zig_dir / "lib" / "libc" / "darwin" / "libSystem.tbd"
+def libsystem_exports(zig_dir: Path, tbd_targets: tuple) -> set[str]:
+    """Symbols libSystem.tbd exports (or re-exports) for any of ``tbd_targets``.
+
+    A TBD v4 lists exports in blocks ``- targets: [...]`` followed by their
+    ``symbols:``/``weak-symbols:``/``thread-local-symbols:``; only the blocks
+    naming one of this architecture's targets count.
+    """
+    text = (zig_dir / "lib" / "libc" / "darwin" / "libSystem.tbd").read_text()
+    heads = list(re.finditer(r"^\s*-\s*targets:\s*\[(.*?)\]", text, re.S | re.M))
     names: set[str] = set()
-    for block in re.findall(r"(?:symbols|weak-symbols|thread-local-symbols):\s*\[(.*?)\]", tbd.read_text(), re.S):
-        names.update(tok.strip().strip("'\"") for tok in block.split(","))
+    for i, head in enumerate(heads):
+        targets = {t.strip() for t in head.group(1).split(",")}
+        if not targets & set(tbd_targets):
+            continue
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        body = text[head.end() : end].split("--- !tapi-tbd")[0]
+        for block in re.findall(r"(?:symbols|weak-symbols|thread-local-symbols):\s*\[(.*?)\]", body, re.S):
+            names.update(tok.strip().strip("'\"") for tok in block.split(","))
     names.discard("")
     return names
 
@@ -180,9 +243,23 @@ def probe_static_assert(out: Path, src: Path, target: str) -> None:
         raise GateError("a false _Static_assert compiled: the layout assertions prove nothing")
 
 
+def probe_availability(out: Path) -> None:
+    """The availability errors must be live: an 11.0 API called for 10.15 must fail
+    (on x86_64: Apple silicon has no macOS before 11, so zig has no headers for it)."""
+    probe = out / "availability_probe.c"
+    probe.write_text("#include <libproc.h>\n"
+                     "int probe(audit_token_t *t, char *b) { return proc_pidpath_audittoken(t, b, 1024); }\n")
+    r = run(zig_cc("x86_64-macos", "-fsyntax-only", *AVAILABILITY, "-o", str(out / "availability_probe.o"), str(probe),
+                   macos="10.15"))
+    if r.returncode == 0 or "proc_pidpath_audittoken" not in r.stderr:
+        raise GateError("an API newer than the deployment target compiled: the minimum-macOS check proves nothing")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=ROOT / "machipc", help="directory holding _mach.pyx/.pxd/_mach_layout.h")
+    ap.add_argument("--src", type=Path, default=None,
+                    help="directory holding _mach.pyx/.pxd/_mach_layout.h (default: those of an sdist of the tree)")
+    ap.add_argument("--root", type=Path, default=ROOT, help="the source tree whose sdist is checked")
     ap.add_argument("--out", type=Path, default=ROOT / ".macos-check")
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     args = ap.parse_args(argv)
@@ -190,16 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     zig_dir = ensure_ziglang()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"ok": False, "targets": {}, "failures": []}
+    report: dict = {"ok": False, "targets": {}, "failures": [], "min_macos": MIN_MACOS}
     try:
+        if args.src is None:
+            args.src = sdist_sources(out, args.root.resolve())
+            log(f"sources from the sdist: {args.src}")
         c_file = cythonize(args.src.resolve(), out)
-        log(f"cythonized {args.src / '_mach.pyx'} -> {c_file}")
-        exports = libsystem_exports(zig_dir)
+        log(f"cythonized {args.src / '_mach.pyx'} with setup.py's directives {setup_directives()} -> {c_file}")
         with concurrent.futures.ThreadPoolExecutor(len(args.targets)) as pool:
             results = list(pool.map(lambda t: compile_target(t, c_file, out), args.targets))
         for res in results:
             target = res["target"]
-            cputype = TARGETS[target][0]
+            cputype, tbd_targets = TARGETS[target]
+            exports = libsystem_exports(zig_dir, tbd_targets)
             undefined = macho_undefined(Path(res["so"]), cputype)
             py = [s for s in undefined if is_python(s)]
             system = [s for s in undefined if not is_python(s)]
@@ -226,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{target}: Mach-O OK; {len(undefined)} undefined symbols = {len(py)} CPython + "
                 f"{len(system)} libSystem ({', '.join(system)}); {res['seconds']} s")
         probe_static_assert(out, args.src.resolve(), args.targets[0])
+        probe_availability(out)
+        log(f"built for macOS {MIN_MACOS} with {' '.join(AVAILABILITY)}; an 11.0 API for 10.15 is rejected")
         report["static_asserts"] = _count_asserts(args.src / "_mach_layout.h")
         log(f"{report['static_asserts']} _Static_asserts on SDK layouts hold; a false one is rejected")
     except GateError as exc:

@@ -718,10 +718,6 @@ class FakeRegion(bytes):
             self.release()
 
 
-def pidpath(audit_token: bytes):
-    return None
-
-
 class KQueue:
     """_mach.KQueue over the model: EVFILT_MACHPORT on a port set, as a real fd.
 
