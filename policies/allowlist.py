@@ -61,6 +61,8 @@ class Allowlist(Policy):
     and is refused as a likely mistake.
     """
 
+    uses_cgroup = uses_label = False
+
     def __init__(
         self,
         *,

@@ -93,12 +93,13 @@ class Policy:
     subclass that only reads uid/gid declares ``uses_exe = False``.
     ``uses_cgroup`` and ``uses_label`` say the same of the cgroup (and the
     systemd unit derived from it) and of the LSM label: a process can move
-    between cgroups and change label without changing pid.
+    between cgroups and change label without changing pid. They default to
+    True too; a subclass that reads neither declares them False.
     """
 
     uses_exe = True
-    uses_cgroup = False
-    uses_label = False
+    uses_cgroup = True
+    uses_label = True
 
     def check(self, peer: "Peer") -> Decision:
         raise NotImplementedError
@@ -164,7 +165,7 @@ def evaluate(policy: PolicyLike, peer: "Peer") -> Decision:
 class SameUser(Policy):
     """Allow senders whose uid equals ``uid`` (default: the server's effective uid)."""
 
-    uses_exe = False
+    uses_exe = uses_cgroup = uses_label = False
 
     def __init__(self, uid: int | None = None) -> None:
         self.uid = os.geteuid() if uid is None else uid
@@ -181,7 +182,7 @@ class SameUser(Policy):
 class AllowAll(Policy):
     """Allow every sender. Explicit on purpose; logs a warning once when first used."""
 
-    uses_exe = False
+    uses_exe = uses_cgroup = uses_label = False
     _warned = False
 
     def check(self, peer: "Peer") -> Decision:

@@ -136,6 +136,7 @@ class CodeSignature(Policy):
     """
 
     uses_exe = True
+    uses_cgroup = uses_label = False
 
     def __init__(
         self,
@@ -355,7 +356,7 @@ def _last_line(data: bytes) -> str:
 class _Never(Policy):
     """Denies everyone with a fixed reason (what ``like_me()`` gives where nothing can match)."""
 
-    uses_exe = False
+    uses_exe = uses_cgroup = uses_label = False
 
     def __init__(self, reason: str) -> None:
         self.reason = reason

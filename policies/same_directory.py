@@ -79,6 +79,7 @@ class SameDirectory(Policy):
     """
 
     uses_exe = True
+    uses_cgroup = uses_label = False
 
     def __init__(self, directory: Optional[str] = None) -> None:
         if directory is None:

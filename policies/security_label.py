@@ -23,7 +23,7 @@ class SecurityLabel(Policy):
     Where no LSM labels processes, every sender is denied with that reason.
     """
 
-    uses_exe = False
+    uses_exe = uses_cgroup = False
     uses_label = True
 
     def __init__(self, *labels: str) -> None:

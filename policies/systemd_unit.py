@@ -63,7 +63,7 @@ class SystemdUnit(Policy):
     namespace, exited) is denied with the reason.
     """
 
-    uses_exe = False
+    uses_exe = uses_label = False
     uses_cgroup = True
 
     def __init__(self, *names: str) -> None:
@@ -97,7 +97,7 @@ class Cgroup(Policy):
     that namespace, or whose cgroup cannot be read, is denied with the reason.
     """
 
-    uses_exe = False
+    uses_exe = uses_label = False
     uses_cgroup = True
 
     def __init__(self, *paths: str) -> None:

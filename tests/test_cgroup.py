@@ -11,7 +11,8 @@ import pytest
 from machipc import cgroup as cg
 from machipc import seclabel
 from machipc.peer import Peer
-from machipc.policies import AllOf, Cgroup, DecisionCache, PolicyFileError, SameUser, SecurityLabel, SystemdUnit, loads
+from machipc.policies import AllOf, AllowAll, Allowlist, Cgroup, Decision, DecisionCache, Policy, PolicyFileError
+from machipc.policies import SameDirectory, SameUser, SecurityLabel, SystemdUnit, loads
 from machipc.policies import uses_cgroup, uses_label
 
 HYBRID = """12:pids:/system.slice/backup.service
@@ -150,6 +151,16 @@ def test_combinations_carry_the_flags():
     assert (SameUser() | Cgroup("/a")).uses_cgroup
     assert not SameUser().uses_cgroup and not SameUser().uses_label
     assert uses_cgroup(lambda p: None) and uses_label(lambda p: None)  # a plain callable may look at anything
+
+    class Mine(Policy):  # a subclass that says nothing may look at anything: re-asked after a move
+        def check(self, peer):
+            return Decision.allow("x")
+
+    assert Mine().uses_cgroup and Mine().uses_label and (Mine() & SameUser()).uses_cgroup
+    for builtin in (SameUser(), AllowAll(), Allowlist(uids=[0]), SameDirectory("/"), SystemdUnit("a.service"), Cgroup("/")):
+        assert not builtin.uses_label, builtin
+    for builtin in (SameUser(), Allowlist(executables=["/bin/sh"]), SameDirectory("/"), SecurityLabel("x")):
+        assert not builtin.uses_cgroup, builtin
 
 
 def test_toml_keys():
