@@ -127,6 +127,7 @@ class _OneWay:
     """The ``conn`` of one-way messages: there is no way back."""
 
     id = 0
+    order_by_sender = True  # workers.connection_key: there is no per-client connection
 
     def send(self, kind, request_id, payload, timeout) -> None:
         raise InvalidArgument("a one-way message (Client.send) has no reply path")
@@ -149,6 +150,7 @@ class ReplyConn:
     """
 
     __slots__ = ("id", "_port", "_gen", "__weakref__")
+    order_by_sender = True  # a conn per request: workers.connection_key orders by sender instead
 
     def __init__(self, port: int) -> None:
         self.id = next(_ids)

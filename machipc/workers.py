@@ -34,7 +34,8 @@ _STOP = object()
 def connection_key(msg: Message) -> int:
     """What ``ordered=True`` keeps in order: the message's connection (one per client)."""
     conn = msg._conn
-    key = getattr(conn, "id", None)
+    # Mach hands out a reply conn per request (order_by_sender): order per sending process.
+    key = None if getattr(conn, "order_by_sender", False) else getattr(conn, "id", None)
     if key is None:  # a backend without connection ids: order per sending process
         key = msg.sender.pid
     return key

@@ -30,3 +30,11 @@ def test_simulated_macos(module):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, f"simulated-macOS {module} failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
+
+
+def test_mach_backend_is_not_built_on_linux():
+    from machipc import mach
+
+    if mach._mach is None:
+        with pytest.raises(ImportError, match="macOS"):
+            mach.server_transport("org.machipc.x")
