@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Optional
 
 from . import unix as _pure
+from .errors import InvalidArgument
 
 PURE_PYTHON = os.environ.get("MACHIPC_PURE_PYTHON", "") not in ("", "0")
 
@@ -32,4 +33,4 @@ def transport(impl: Optional[str] = None) -> ModuleType:
         if _compiled is None:
             raise ImportError("machipc._unix (the Cython transport) is not built")
         return _compiled
-    raise ValueError(f"impl must be 'c', 'py' or None, not {impl!r}")
+    raise InvalidArgument(f"impl must be 'c', 'py' or None, not {impl!r}")

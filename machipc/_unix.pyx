@@ -25,6 +25,7 @@ from posix.unistd cimport close, read, write
 from ._posix cimport *
 from ._wire cimport *
 
+from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from ._closer import close_later
 from .arena import locate as arena_locate, release_ref as arena_release_ref
@@ -71,10 +72,9 @@ cdef inline double _deadline(object timeout) except? -2.0:
     """Absolute deadline; -1.0 means no limit."""
     if timeout is None:
         return -1.0
-    t = float(timeout)
-    if t < 0:
-        raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
-    return _now() + t
+    if type(timeout) is not float or not timeout >= 0:  # the common case: one check
+        timeout = timeout_arg(timeout)  # InvalidArgument for a bad one
+    return _now() + <double>timeout
 
 
 cdef inline int _ms_left(double deadline) noexcept nogil:

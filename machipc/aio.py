@@ -58,6 +58,7 @@ from .errors import (
     PeerGone,
     ServerClosed,
 )
+from .args import DEFAULT, int_arg, timeout_arg
 from .message import Message
 from .unix import deadline_of, remaining
 from .wire import ErrorCode, Kind, pack_error
@@ -67,7 +68,7 @@ __all__ = ["Server", "Client", "reader_fd"]
 log = logging.getLogger("machipc")
 
 AsyncHandler = Callable[[Message], Union[Awaitable[Any], bytes, bytearray, memoryview, None]]
-_DEFAULT: Any = object()
+_DEFAULT: Any = DEFAULT
 #: Packets taken per readable event before yielding to other tasks.
 BATCH = 64
 
@@ -157,8 +158,7 @@ class Server:
     """
 
     def __init__(self, name: str, policy=None, *, max_queue: int = 256, server: Optional[_server.Server] = None, **kwargs) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, not {max_queue!r}")
+        int_arg(max_queue, "max_queue", 1)
         self.sync: _server.Server = server if server is not None else _server.Server(name, policy, **kwargs)
         self.max_queue = max_queue
         self._queue: deque[Message] = deque()
@@ -335,6 +335,10 @@ class Server:
                 await self._try(self.fail(msg, f"handler raised {type(exc).__name__}"))
             return
         if msg.expects_reply and not msg.answered:
+            wrong = _server.refuse_result(stats, msg, result)
+            if wrong is not None:
+                await self._try(self.fail(msg, wrong))
+                return
             try:
                 await self.reply(msg, b"" if result is None else result)
             except MessageTooLarge as exc:
@@ -377,8 +381,8 @@ class Server:
         SIGINT/SIGTERM during the graceful stop: running handlers are
         cancelled, the server closed and KeyboardInterrupt raised.
         """
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, not {concurrency!r}")
+        int_arg(concurrency, "concurrency", 1)
+        drain_timeout = timeout_arg(drain_timeout, "drain_timeout")
         loop = self._bind()
         restore = self._install_signal_handlers(loop) if signals else []
         slots = asyncio.Semaphore(concurrency)
@@ -605,7 +609,7 @@ class Client:
         await self._bind()
         await _send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout))
 
-    async def request(self, data, timeout: Optional[float] = _DEFAULT) -> bytes:
+    async def request(self, data, timeout: Optional[float] = _DEFAULT) -> _client.Reply:
         """Send a request and return the reply's payload (errors as :meth:`machipc.Client.request`)."""
         self._check(data)
         loop = await self._bind()

@@ -23,6 +23,7 @@ from .errors import (
     ServiceNotFound,
     error_from_errno,
 )
+from .args import DEFAULT, int_arg, timeout_arg
 from .naming import container_advice, find_sockets
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
@@ -35,7 +36,9 @@ __all__ = ["Client", "Buffer"]
 log = logging.getLogger("machipc")
 
 Buffer = Union[bytes, bytearray, memoryview, payload.LoanBuffer]
-_DEFAULT = object()
+#: What ``request`` returns: bytes up to ``wire.INLINE_MAX``, a read-only memoryview above.
+Reply = Union[bytes, memoryview]
+_DEFAULT = DEFAULT
 _BATCH = 256  # one-way messages handed to the transport at once by send_many
 
 
@@ -45,7 +48,7 @@ class _Pending:
     __slots__ = ("result", "error", "event")
 
     def __init__(self) -> None:
-        self.result: Optional[bytes] = None
+        self.result: Optional[Reply] = None
         self.error: Optional[IPCError] = None
         self.event: Optional[threading.Event] = None
 
@@ -53,7 +56,7 @@ class _Pending:
     def done(self) -> bool:
         return self.result is not None or self.error is not None
 
-    def finish(self, result: Optional[bytes], error: Optional[IPCError] = None) -> None:
+    def finish(self, result: Optional[Reply], error: Optional[IPCError] = None) -> None:
         self.result, self.error = result, error
         event = self.event
         if event is not None:
@@ -69,7 +72,7 @@ _ERRORS = {
 }
 
 
-def decode_reply(name: str, got: tuple, server_policy=None) -> tuple[int, Optional[bytes], Optional[IPCError]]:
+def decode_reply(name: str, got: tuple, server_policy=None) -> tuple[int, Optional[Reply], Optional[IPCError]]:
     """``(request_id, payload, error)`` of a packet a client received from ``name``.
 
     ``request_id`` is -1 when the packet is the connection's end (``error`` says so).
@@ -132,7 +135,10 @@ class Client:
     ) -> None:
         self.name = name
         #: Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge.
-        self.max_size = max_size
+        self.max_size = int_arg(max_size, "max_size")
+        timeout = timeout_arg(timeout)
+        if connect_timeout is not _DEFAULT:
+            connect_timeout = timeout_arg(connect_timeout, "connect_timeout")
         # Who may answer: by default a server running as root or as this user,
         # checked on the connected socket's kernel identity (peer_of).
         self.server_policy = as_policy(server_policy) if server_policy is not None else Allowlist(uids={0, os.geteuid()})
@@ -265,12 +271,19 @@ class Client:
                     sent += flush()
         return sent + flush()
 
-    def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> bytes:  # type: ignore[assignment]
+    def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> Reply:  # type: ignore[assignment]
         """Send a request and return the reply's payload.
+
+        The reply is ``bytes`` up to 64 KiB (``wire.INLINE_MAX``); above, a
+        read-only ``memoryview`` of the sealed memory the server sent (no copy;
+        ``bytes(reply)`` copies it). ``timeout`` is in seconds (None: no limit;
+        default the client's ``timeout``).
 
         Raises IPCTimeoutError if no reply comes within ``timeout``, Rejected if
         the server's policy refused us, RemoteError if its handler failed,
-        PeerGone if the server went away.
+        PeerGone if the server went away, MessageTooLarge if ``data`` is over
+        ``max_size``, InvalidArgument for a payload that is not bytes-like or a
+        bad timeout.
         """
         self._check(data)
         timeout = self._timeout(timeout)

@@ -64,8 +64,12 @@ class MessageTooLarge(IPCError, ValueError):
     """A payload is over the size limit of the transport or the server."""
 
 
-class InvalidArgument(IPCError, ValueError):
-    """An argument is malformed (a bad service name, a negative timeout, ...)."""
+class InvalidArgument(IPCError, ValueError, TypeError):
+    """An argument is malformed (a bad service name, a negative timeout, a str payload, ...).
+
+    Both a ValueError and a TypeError: callers catching either builtin for a bad
+    value or a wrong type catch it.
+    """
 
 
 class ProtocolError(IPCError):

@@ -28,6 +28,7 @@ import stat
 from typing import Optional, Union
 
 from ._closer import close_received
+from .args import int_arg
 from .errors import InvalidArgument, MessageTooLarge
 from .wire import INLINE_MAX, Drop
 
@@ -95,6 +96,7 @@ class LoanBuffer(mmap.mmap):
 def loan(size: int, limit: int = MAX_PAYLOAD) -> LoanBuffer:
     """A ``size``-byte writable buffer backed by a fresh memfd, pages pre-faulted
     (an anonymous mapping where there are no sealed memfds: macOS)."""
+    int_arg(size, "size")
     if not 0 < size <= limit:
         raise MessageTooLarge(f"a loaned buffer must hold 1 to {limit} bytes, not {size}")
     if not HAVE_SEALED_MEMFD:
@@ -156,12 +158,26 @@ def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryvi
 
 
 def size_of(data: Payload) -> int:
-    """Payload size in bytes (a memoryview's ``nbytes``; a sent loan is an error)."""
+    """Payload size in bytes (a buffer's ``nbytes``).
+
+    Raises InvalidArgument for a loan already sent and for anything that is
+    not bytes-like (``str``, ``int``, a dict...): payloads are bytes, bytearray,
+    memoryview, a loaned buffer or any other object with the buffer protocol.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        return len(data)
     if isinstance(data, LoanBuffer):
         if data.sent:
             raise InvalidArgument("this loaned buffer was already sent")
         return len(data)
-    return data.nbytes if isinstance(data, memoryview) else len(data)
+    if isinstance(data, memoryview):
+        return data.nbytes
+    try:
+        return memoryview(data).nbytes
+    except TypeError:
+        raise InvalidArgument(
+            f"a payload must be bytes-like (bytes, bytearray, memoryview), not {type(data).__name__}"
+        ) from None
 
 
 def prepare(data: Payload, limit: int) -> tuple[int, int]:

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 from . import _backend, activation, connecting
-from .errors import IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
+from .args import int_arg, timeout_arg
+from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .ratelog import RateLimitedLog
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
-from .payload import MAX_PAYLOAD
+from .payload import MAX_PAYLOAD, size_of as payload_size
 from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
@@ -79,8 +80,10 @@ class Server:
         impl: Optional[str] = None,
         listener: Optional[socket.socket] = None,
     ) -> None:
-        if max_size < 0:
-            raise ValueError(f"max_size must be >= 0, not {max_size}")
+        max_size = int_arg(max_size, "max_size")
+        mode = int_arg(mode, "mode")
+        backlog = int_arg(backlog, "backlog")
+        reply_timeout = timeout_arg(reply_timeout, "reply_timeout")
         self.name = name
         self.policy = as_policy(policy) if policy is not None else SameUser()
         self._decisions = DecisionCache(self.policy)  # one decision per sending process
@@ -254,8 +257,7 @@ class Server:
         Waits (up to ``timeout``) only for the first message; per-sender order
         is kept and every message is policy-checked like ``receive``.
         """
-        if max_count < 1:
-            raise ValueError(f"max_count must be >= 1, not {max_count}")
+        int_arg(max_count, "max_count", 1)
         return self._receive(timeout, max_count)
 
     def _receive(self, timeout: Optional[float], max_count: int) -> list[Message]:
@@ -396,6 +398,7 @@ class Server:
         thread was (a running handler included).
         Under systemd, READY=1 and STOPPING=1 go to ``$NOTIFY_SOCKET``.
         """
+        drain_timeout = timeout_arg(drain_timeout, "drain_timeout")
         self._stop_serving = False
         restore = self._install_signal_handlers()
         pool = None
@@ -514,6 +517,10 @@ class Server:
                 self._answer(msg.fail, f"handler raised {type(exc).__name__}")
             return
         if msg.expects_reply and not msg.answered:
+            wrong = refuse_result(self.stats, msg, result)
+            if wrong is not None:
+                self._answer(msg.fail, wrong)
+                return
             self._answer(msg.reply, b"" if result is None else result, msg)
 
     def _answer(self, answer: Callable, arg, msg: Optional[Message] = None) -> None:
@@ -597,6 +604,24 @@ class Server:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.connections} connections"
         return f"<machipc.Server {self.name!r} at {self.path} ({self.implementation}, {state})>"
+
+
+def refuse_result(stats: ServerStats, msg: Message, result) -> Optional[str]:
+    """The error text for the requester when a handler's return value cannot be the
+    reply (counted and logged with pid and request id), else None.
+
+    A reply is None (empty) or bytes-like; a str, int, dict or list is not.
+    """
+    if result is None or type(result) is bytes:
+        return None
+    try:
+        payload_size(result)
+        return None
+    except InvalidArgument as exc:
+        wrong = str(exc)
+    stats.handler_errors += 1
+    log.error("handler's return value for request %d from pid %d is no reply: %s", msg.request_id, msg.sender.pid, wrong)
+    return f"the handler returned no valid reply: {wrong}"
 
 
 def _socket_path(sock: socket.socket) -> str:

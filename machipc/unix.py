@@ -44,6 +44,7 @@ import time
 from collections import deque
 from typing import Optional
 
+from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
 from ._closer import close_received
@@ -81,11 +82,14 @@ _POLL_EVERY = 64  # poll epoll at least this often while connections stay ready
 
 
 def deadline_of(timeout: Optional[float]) -> Optional[float]:
-    """Absolute monotonic deadline for a timeout in seconds (None: forever)."""
+    """Absolute monotonic deadline for a timeout in seconds (None: forever).
+
+    Raises InvalidArgument for a negative, NaN or non-numeric timeout.
+    """
     if timeout is None:
         return None
-    if timeout < 0:
-        raise ValueError(f"timeout must be >= 0 or None, not {timeout!r}")
+    if type(timeout) is not float or not timeout >= 0:  # the common case: one check
+        timeout = timeout_arg(timeout)
     return time.monotonic() + timeout
 
 

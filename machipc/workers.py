@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from .args import int_arg
 from .message import Message
 
 __all__ = ["WorkerPool"]
@@ -58,12 +59,10 @@ class WorkerPool:
         queue_size: Optional[int] = None,
         name: str = "machipc-worker",
     ) -> None:
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive int, not {workers!r}")
+        int_arg(workers, "workers", 1)
         if queue_size is None:
             queue_size = 4 * workers
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, not {queue_size!r}")
+        int_arg(queue_size, "queue_size", 1)
         self._run = run
         self._handler = handler
         self.ordered = ordered
