@@ -224,3 +224,182 @@ def test_inline_vs_ool_timing(name):
     print("\nsize     mode    us/message")
     for size, mode, us in rows:
         print(f"{size:<8} {mode:<7} {us:8.1f}")
+
+
+# -- the macOS review's findings (docs/macos.md), on the real kernel -----------------------------
+
+import ctypes  # noqa: E402
+import signal  # noqa: E402
+import struct  # noqa: E402
+
+import machipc  # noqa: E402
+from machipc import machmsg as mm  # noqa: E402
+from machipc.wire import pack_header  # noqa: E402
+
+_libc = ctypes.CDLL("/usr/lib/libSystem.B.dylib", use_errno=True)
+_TASK_VM_INFO = 22  # <mach/task_info.h>
+
+
+def port_names() -> int:
+    """mach_port_names(mach_task_self()): how many names this task's IPC space holds."""
+    names, types = ctypes.c_void_p(), ctypes.c_void_p()
+    n_names, n_types = ctypes.c_uint32(), ctypes.c_uint32()
+    task = ctypes.c_uint32.in_dll(_libc, "mach_task_self_").value
+    kr = _libc.mach_port_names(task, ctypes.byref(names), ctypes.byref(n_names), ctypes.byref(types),
+                               ctypes.byref(n_types))
+    assert kr == 0, kr
+    _libc.vm_deallocate(task, names, ctypes.c_size_t(n_names.value * 4))
+    _libc.vm_deallocate(task, types, ctypes.c_size_t(n_types.value * 4))
+    return n_names.value
+
+
+def virtual_size() -> int:
+    """task_info(TASK_VM_INFO).virtual_size: grows with every region left mapped."""
+    info = (ctypes.c_uint32 * 128)()
+    count = ctypes.c_uint32(128)
+    task = ctypes.c_uint32.in_dll(_libc, "mach_task_self_").value
+    assert _libc.task_info(task, _TASK_VM_INFO, info, ctypes.byref(count)) == 0
+    return struct.unpack_from("<Q", bytes(info), 0)[0]
+
+
+HOSTILE = r"""
+import ctypes, struct, sys
+from machipc import machmsg as mm
+from machipc.wire import Kind, pack_header
+libc = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
+bp = ctypes.c_uint32.in_dll(libc, "bootstrap_port").value
+port = ctypes.c_uint32()
+assert libc.bootstrap_look_up(bp, sys.argv[1].encode(), ctypes.byref(port)) == 0
+copy, dtype, msgh_id = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+size = 8 << 20
+region = ctypes.create_string_buffer(size)
+for _ in range(int(sys.argv[5])):
+    body = struct.pack("<I", 1) + struct.pack("<QBBBBI", ctypes.addressof(region), 0, copy, 0, dtype, size)
+    wire = pack_header(Kind.MESSAGE, 0, size)
+    n = 24 + len(body) + len(wire)
+    bits = mm.MACH_MSGH_BITS(mm.MACH_MSG_TYPE_COPY_SEND, 0) | mm.MACH_MSGH_BITS_COMPLEX
+    msg = ctypes.create_string_buffer(struct.pack("<IIIIIi", bits, n, port.value, 0, 0, msgh_id) + body + wire)
+    kr = libc.mach_msg(msg, mm.MACH_SEND_MSG | mm.MACH_SEND_TIMEOUT, n, 0, 0, 5000, 0)
+    assert kr == 0, hex(kr)
+"""
+
+
+@pytest.mark.parametrize("copy, dtype, msgh_id", [
+    (mm.MACH_MSG_PHYSICAL_COPY, mm.MACH_MSG_OOL_DESCRIPTOR, 0x1234),  # refused: wrong msgh_id
+    (mm.MACH_MSG_VIRTUAL_COPY, mm.MACH_MSG_OOL_VOLATILE_DESCRIPTOR, mm.MACHIPC_MSGH_ID),  # refused: volatile
+    (mm.MACH_MSG_PHYSICAL_COPY, mm.MACH_MSG_OOL_DESCRIPTOR, mm.MACHIPC_MSGH_ID),  # accepted, then released
+])
+def test_hostile_ool_senders_leave_nothing_mapped(server, name, copy, dtype, msgh_id):
+    """Finding 5: 8 MiB regions the kernel marks deallocate=FALSE must still be unmapped."""
+    assert server.recv(0) is None
+    before = virtual_size()
+    p = subprocess.run([sys.executable, "-c", HOSTILE, name, str(copy), str(dtype), str(msgh_id), "40"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for _ in range(40):
+        got = server.recv(10.0)
+        assert got is not None
+        del got
+    grown = virtual_size() - before
+    assert grown < 40 * (8 << 20) // 2, f"{grown} bytes stayed mapped after 40 x 8 MiB hostile messages"
+
+
+def test_fileno_not_readable_after_the_port_is_emptied(server, name):
+    """Finding 3: the kqueue fd must go unreadable, or asyncio spins."""
+    fd = server.fileno()
+    c = mach.client_conn(name, 5.0)
+    try:
+        c.send(Kind.MESSAGE, 0, b"x", 1.0)
+        assert select.select([fd], [], [], 5)[0] == [fd]
+        assert server.recv(0)[0] == Drop.OK
+        assert server.recv(0) is None
+        assert select.select([fd], [], [], 0)[0] == []
+    finally:
+        c.close()
+
+
+def test_port_names_flat_when_requests_time_out(name):
+    """Finding 8: a REQUEST whose send times out must not leave its reply right behind."""
+    st = mach.server_transport(name, queue_limit=1)
+    c = mach.client_conn(name, 5.0)
+    try:
+        c.send(Kind.MESSAGE, 0, b"fill", 1.0)
+        for _ in range(5):  # warm up the client's free list
+            with pytest.raises(errors.IPCTimeoutError):
+                c.send(Kind.REQUEST, 1, b"x", 0)
+        before = port_names()
+        for i in range(500):
+            with pytest.raises(errors.IPCTimeoutError):
+                c.send(Kind.REQUEST, i + 2, b"x", 0)
+        assert port_names() - before < 5
+    finally:
+        c.close()
+        st.close()
+
+
+SERVE = """
+import sys, time, machipc
+srv = machipc.Server(sys.argv[1])
+print("ready", flush=True)
+srv.serve(lambda m: b"ok")
+print("stopped", flush=True)
+srv.close()
+"""
+
+
+def test_sigterm_stops_serve(name):
+    """Finding 4: SIGTERM reaches a serve() blocked in mach_msg (MACH_RCV_INTERRUPT)."""
+    p = subprocess.Popen([sys.executable, "-c", SERVE, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        with machipc.Client(name, timeout=30) as cli:
+            assert cli.request(b"x") == b"ok"  # serve() is running, its handlers installed
+        time.sleep(0.5)  # back inside mach_msg(receive)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0 and "stopped" in out, err
+
+
+def test_second_server_process_gets_service_in_use(name):
+    """Finding 9: launchd answers BOOTSTRAP_NOT_PRIVILEGED; machipc says ServiceInUse."""
+    p = subprocess.Popen([sys.executable, "-c", SERVE, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        with pytest.raises(errors.ServiceInUse):
+            mach.server_transport(name)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)
+
+
+def test_serve_stop_and_server_identity_on_replies(name):
+    """Findings 2, 6, 7: a graceful stop, server_policy checked on replies, no per-request state."""
+    srv = machipc.Server(name)
+    t = threading.Thread(target=srv.serve, args=(lambda m: b"ok",), daemon=True)
+    t.start()
+    try:
+        with machipc.Client(name, timeout=30) as cli:
+            for _ in range(100):
+                assert cli.request(b"x") == b"ok"
+        with machipc.Client(name, timeout=30, server_policy=machipc.policies.Allowlist(uids={424242})) as cli:
+            with pytest.raises(errors.NotPermitted):
+                cli.request(b"x")
+        assert len(srv._peers) == 0
+    finally:
+        srv.stop()
+        t.join(30)
+        srv.close()
+    assert not t.is_alive()
+
+
+def test_client_buffer_sends_out_of_line(server, name):
+    """Finding 16: Client.buffer() works without memfds."""
+    with machipc.Client(name, timeout=30) as cli:
+        with cli.buffer(100_000) as buf:
+            buf[:3] = b"abc"
+            cli.send(buf)
+    got = server.recv(10.0)
+    assert got[0] == Drop.OK and bytes(got[5][:3]) == b"abc" and len(got[5]) == 100_000
