@@ -28,6 +28,7 @@ changes on every exec, so the token names one program run of one process.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import select
@@ -456,6 +457,35 @@ class Peer(ProcessIdentity):
             self._sha256 = self._signing = None
         self._exe, self._exe_id = path, ident
         return ident
+
+    @property
+    def exe_snapshot(self) -> Optional[tuple[int, int]]:
+        """The ``exe_id`` read so far, without reading (None: nobody has asked yet, or unknown)."""
+        return self._exe_id
+
+    def running_exe_id(self) -> Optional[tuple[int, int]]:
+        """``(dev, ino)`` of what ``/proc/<pid>/exe`` runs now: one ``stat``, None when unreadable.
+
+        Only meaningful while the caller knows the process is the pinned one
+        (the transport checked it for the packet at hand); a reused pid running
+        the same file would read the same.
+        """
+        if not LINUX or self._pidfd < 0 or self.pin_problem is not None:
+            return None
+        try:
+            st = os.stat(f"/proc/{self.pid}/exe")
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def successor(self) -> "Peer":
+        """A fresh Peer for the same process (e.g. after ``execve()``), holding a dup of the pidfd.
+
+        Nothing read from the process is carried over; this Peer, which
+        messages already handed out may hold, keeps describing the old program.
+        """
+        pidfd = fcntl.fcntl(self._pidfd, fcntl.F_DUPFD_CLOEXEC, 0) if self._pidfd >= 0 else -1
+        return Peer(self.pid, self.uid, self.gid, pidfd, self.guard, self.guard_kind, self.audit_token, self.pin_problem)
 
     @property
     def exe(self) -> Optional[str]:

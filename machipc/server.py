@@ -42,6 +42,7 @@ class ServerStats:
 
     received: int = 0  #: messages handed to the caller / handler
     rejected: int = 0  #: refused by the policy
+    unknown: int = 0  #: of those, refused because the policy could not tell (Decision.unknown)
     would_reject: int = 0  #: denied by the policy but let through (enforce=False)
     too_large: int = 0  #: over ``max_size``
     dropped: Counter = field(default_factory=Counter)  #: malformed packets, by Drop name
@@ -302,8 +303,10 @@ class Server:
             if self.enforce:
                 self.stats.rejected += 1
                 self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, decision.reason)
+                if not decision.known:
+                    self.stats.unknown += 1
                 if kind == _REQUEST:
-                    self._answer_error(conn, request_id, ErrorCode.REJECTED, "rejected by the server's policy")
+                    self._answer_error(conn, request_id, ErrorCode.REJECTED, _rejection_text(peer, decision))
                 return None
             self.stats.would_reject += 1
             self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, decision.reason)
@@ -325,9 +328,21 @@ class Server:
             return pidfd, self._decisions.decide(pidfd)
         if pidfd == SAME_PEER:
             entry = self._peers[conn.id]
-            if self._decisions.volatile:  # execve(), a cgroup move, a new label keep pid and pidfd: re-check
-                entry = self._peers[conn.id] = (entry[0], self._decisions.decide(entry[0]))
-            return entry
+            peer = entry[0]
+            held = peer.exe_snapshot
+            if held is None:  # nobody has looked at the program yet: nothing about it can be stale
+                if self._decisions.volatile:  # a cgroup move, a new label keep pid and pidfd: re-check
+                    entry = self._peers[conn.id] = (peer, self._decisions.decide(peer))
+                return entry
+            now = peer.running_exe_id()  # execve() keeps pid, pidfd and the connection
+            if now == held:
+                if self._decisions.volatile:
+                    entry = self._peers[conn.id] = (peer, self._decisions.decide(peer, now))
+                return entry
+            # Another program (or the process is gone): handlers get a Peer describing it,
+            # messages already handed out keep theirs, and every policy is asked again.
+            self._decisions.forget(peer)
+            peer = peer.successor()
         else:
             if pidfd < 0 and pid > 0 and self.pidfd_guard == "pidfd_open":
                 try:
@@ -645,6 +660,21 @@ def _hang_up(conn) -> None:
     if shutdown is not None:
         log.warning("disconnecting a client that does not read its replies")
         shutdown()
+
+
+#: Error text for a request whose sending process could not be pinned (see _rejection_text).
+UNPINNED_TEXT = (
+    "rejected: the server could not pin the process that sent this request (the first packet of a "
+    "process other than the one that connected, e.g. a forked child); send it again: later packets "
+    "on this connection carry their own pidfd"
+)
+
+
+def _rejection_text(peer: Peer, decision: Decision) -> str:
+    """What a rejected requester is told: nothing of the policy, except when sending again helps."""
+    if not decision.known and peer.guard is None and peer.pid > 0 and peer.pin_problem is None:
+        return UNPINNED_TEXT
+    return "rejected by the server's policy"
 
 
 def _kind_name(kind: int) -> str:

@@ -211,3 +211,26 @@ def test_client_in_a_container_connects_with_an_explicit_server_policy(serve, tm
             assert out.startswith("reply ok Peer(pid=unknown, uid=65534"), (out, done.stderr.decode(errors="replace"))
         else:
             assert out.startswith("refused") and "server_policy=" in out and "overflow uid" in out, out
+
+
+# -- F4: a private mount over the trusted directory ----------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["same_directory", "executables"])
+def test_private_mount_over_the_trusted_directory_does_not_pass(dirs, serve, which, caplog):  # noqa: F811
+    """F4: inside unshare -Urm, uid 65534 mounts a tmpfs over the trusted directory and runs its
+    own binary from there; /proc/PID/exe reads as the trusted path, but the running file is not
+    the file that path names in the server's mount namespace."""
+    _need(["unshare", "-Urm"])
+    caplog.set_level(logging.WARNING, "machipc")
+    trusted_client = client(dirs, "trusted")
+    policy = SameDirectory(dirs["trusted"]) if which == "same_directory" else Allowlist(executables=[trusted_client])
+    running = serve(policy)
+    assert running.run(trusted_client, user=65534).returncode == ALLOWED  # control: the real one passes
+    assert running.run(client(dirs, "outside"), user=65534).returncode == REJECTED
+    own = client(dirs, "outside")  # the attacker's binary: same bytes, another file
+    script = f'mount -t tmpfs none "$1" && cp "$2" "$1/client" && exec "$1/client" "$3" request'
+    done = subprocess.run([*AS_NOBODY, "unshare", "-Urm", "sh", "-c", script, "sh", dirs["trusted"], own,
+                           running.srv.path], capture_output=True, timeout=30)
+    assert done.returncode == REJECTED, done.stderr.decode(errors="replace")
+    assert "names in the server's mount namespace" in caplog.text, caplog.text
