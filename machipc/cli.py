@@ -22,7 +22,8 @@ POLICIES = {
 def _describe(msg: Message) -> str:
     s = msg.sender
     kind = "request" if msg.expects_reply else "message"
-    return f"{kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {s.exe or '?'}: {bytes(msg.data)!r}"
+    # The unit is what a SystemdUnit policy would name (on Linux; '?' elsewhere).
+    return f"{kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {s.exe or '?'} unit {s.unit or '?'}: {bytes(msg.data)!r}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -331,3 +331,37 @@ def test_paths_are_read_in_the_servers_cgroup_namespace(tree, public_sockdir, im
             server.wait()
     assert out.splitlines() == ["allowed /inner", "rejected 1"], err
     assert "cgroup '/../test-other.service' is outside the server's cgroup namespace" in err
+
+
+IMPOSTOR = """
+import json
+mine = {mine!r}
+for root in mine:
+    os.makedirs(os.path.join(root, "system.slice", "test-allowed.service"), exist_ok=True)
+    with open(os.path.join(root, "system.slice", "test-allowed.service", "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+try:
+    print(json.dumps(["reply", c.request(b"hi", timeout=20).decode()]))
+except machipc.Rejected:
+    print(json.dumps(["rejected"]))
+"""
+
+
+def test_user_naming_its_own_subcgroup_like_a_system_unit(tree, serve, public_sockdir, impl, caplog):
+    """Inside its own user@UID.service subtree a user may make system.slice/test-allowed.service; it stays the user's."""
+    caplog.set_level(logging.WARNING, "machipc")
+    manager = "/user.slice/user-65534.slice/user@65534.service"
+    tree.make(manager, owner=NOBODY)
+    units = []
+
+    def handler(msg):
+        units.append(msg.sender.unit)
+        return b"ok"
+
+    serve(handler, SystemdUnit("test-allowed.service") | SystemdUnit("user@65534.service/other.service"))
+    mine = [root + tree.top + manager for root in tree.roots]
+    done = run_in(tree, manager, python_client(public_sockdir, impl, IMPOSTOR.format(mine=mine)), user=NOBODY)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["rejected"]
+    assert "unit 'user@65534.service/test-allowed.service' is not test-allowed.service" in caplog.text
+    assert units == []

@@ -33,6 +33,7 @@ def test_serve_send_request(sockdir):
         assert out.returncode == 0 and out.stdout.strip() == "ping"
         line = server.stdout.readline()
         assert "message from pid" in line and "b'hello'" in line and f"uid {os.geteuid()}" in line
+        assert " unit " in line  # the sender's systemd unit, for writing a SystemdUnit policy
     finally:
         server.terminate()
         server.wait(10)
