@@ -2,7 +2,7 @@
 import socket
 from typing import Optional
 
-from .wire import Drop
+from .wire import Drop, Limits
 
 IMPLEMENTATION: str
 CONSTANTS: dict[str, int]
@@ -19,8 +19,11 @@ class Conn:
     fd: int
     max_payload: int
     arenas: dict[int, object]
+    peer_limits: Optional[Limits]
     def __init__(self, sock: Optional[socket.socket] = ..., server_side: bool = ..., pidfs: bool = ...) -> None: ...
-    def send(self, kind: int, request_id: int, payload: bytes | bytearray | memoryview, timeout: Optional[float]) -> None: ...
+    def send(
+        self, kind: int, request_id: int, payload: bytes | bytearray | memoryview, timeout: Optional[float], version: int = ...
+    ) -> None: ...
     def send_many(self, kind: int, payloads: list[bytes | bytearray | memoryview], timeout: Optional[float]) -> None: ...
     def send_fd(
         self, kind: int, request_id: int, length: int, fd: int, timeout: Optional[float], flags: int = ..., body: bytes = ...

@@ -28,7 +28,8 @@ from ._wire cimport *
 from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from ._closer import close_later
-from .arena import locate as arena_locate, release_ref as arena_release_ref
+from .arena import hello as arena_hello, locate as arena_locate, release_ref as arena_release_ref
+from .wire import unpack_hello
 from .payload import MAX_PAYLOAD, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 
@@ -39,6 +40,7 @@ CONSTANTS = {
     "MAGIC": WIRE_MAGIC, "VERSION": WIRE_VERSION, "HEADER_SIZE": HEADER_SIZE,
     "INLINE_MAX": INLINE_MAX, "KNOWN_FLAGS": KNOWN_FLAGS,
     "MESSAGE": KIND_MESSAGE, "REQUEST": KIND_REQUEST, "REPLY": KIND_REPLY, "ERROR": KIND_ERROR,
+    "HELLO": KIND_HELLO, "VERSION_ERROR_VERSION": VERSION_ERROR_VERSION,
     "SHORT": DROP_SHORT, "BAD_MAGIC": DROP_BAD_MAGIC, "BAD_VERSION": DROP_BAD_VERSION,
     "BAD_KIND": DROP_BAD_KIND, "BAD_FLAGS": DROP_BAD_FLAGS, "BAD_LENGTH": DROP_BAD_LENGTH,
     "TRUNCATED": DROP_TRUNCATED, "NO_CREDENTIALS": DROP_NO_CREDENTIALS,
@@ -102,10 +104,11 @@ cdef inline void _put64(uint8_t *p, uint64_t v) noexcept nogil:
         p[i] = <uint8_t>(v >> (8 * i))
 
 
-cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_t length, uint32_t flags) noexcept nogil:
+cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_t length, uint32_t flags,
+                              int version=WIRE_VERSION) noexcept nogil:
     h[0] = WIRE_MAGIC & 0xFF
     h[1] = WIRE_MAGIC >> 8
-    h[2] = WIRE_VERSION
+    h[2] = <uint8_t>version
     h[3] = <uint8_t>kind
     h[4] = <uint8_t>flags
     h[5] = <uint8_t>(flags >> 8)
@@ -163,12 +166,12 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
     pk.flags = p[4] | (p[5] << 8) | (p[6] << 16) | (<uint32_t>p[7] << 24)
     pk.request_id = _le64(p + 8)
     length = _le64(p + 16)
-    if p[2] != WIRE_VERSION:
-        return DROP_BAD_VERSION
+    if p[2] != WIRE_VERSION and (server_side or pk.kind != KIND_ERROR):
+        return DROP_BAD_VERSION  # a client reads an ERROR of any version (its layout never changes)
     if server_side:
         if pk.kind != KIND_MESSAGE and pk.kind != KIND_REQUEST:
             return DROP_BAD_KIND
-    elif pk.kind != KIND_REPLY and pk.kind != KIND_ERROR:
+    elif pk.kind != KIND_REPLY and pk.kind != KIND_ERROR and pk.kind != KIND_HELLO:
         return DROP_BAD_KIND
     if pk.flags & ~(<uint32_t>KNOWN_FLAGS):
         return DROP_BAD_FLAGS
@@ -181,7 +184,7 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
             return DROP_BAD_LENGTH
     elif length != <uint64_t>(n - HEADER_SIZE):
         return DROP_BAD_LENGTH
-    if (pk.request_id == 0) != (pk.kind == KIND_MESSAGE):
+    if (pk.request_id == 0) != (pk.kind == KIND_MESSAGE or pk.kind == KIND_HELLO):
         return DROP_BAD_REQUEST_ID
     return DROP_OK
 
@@ -399,6 +402,7 @@ cdef class Conn:
     cdef bint close_pending
     cdef public unsigned long long max_payload  # largest memfd payload mapped
     cdef public dict arenas  # the peer's arenas: id -> mapping
+    cdef public object peer_limits  # the server's wire.Limits from its HELLO (client side; None until read)
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -432,15 +436,16 @@ cdef class Conn:
         free(self.buf)
         free(self.cbuf)
 
-    def send(self, int kind, unsigned long long request_id, payload, timeout):
-        """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
+    def send(self, int kind, unsigned long long request_id, payload, timeout, int version=WIRE_VERSION):
+        """Send one packet, waiting up to ``timeout`` while the peer's queue is full
+        (``version``: the header's, for an ERROR answering another version)."""
         cdef Py_buffer view
         cdef uint8_t header[HEADER_SIZE]
         cdef iovec iov[2]
         cdef msghdr msg
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            _pack_header(header, kind, request_id, view.len, 0)
+            _pack_header(header, kind, request_id, view.len, 0, version)
             iov[0].iov_base = header
             iov[0].iov_len = HEADER_SIZE
             iov[1].iov_base = view.buf
@@ -712,13 +717,31 @@ cdef class Conn:
         cdef int rc
         if self.fd < 0:
             return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
-        with nogil:
-            rc = _recv_packet(self.fd, buf, cbuf, self.server_side, &pk)
-        if rc == 0:
-            return None
-        if rc < 0:
-            raise error_from_errno(errno, "recv")
-        return self._result(&pk, buf)
+        while True:
+            with nogil:
+                rc = _recv_packet(self.fd, buf, cbuf, self.server_side, &pk)
+            if rc == 0:
+                return None
+            if rc < 0:
+                raise error_from_errno(errno, "recv")
+            got = self._result(&pk, buf)
+            if not self._took_hello(got):
+                return got
+
+    cdef bint _took_hello(self, tuple got):
+        """A HELLO (only a client accepts one): keep the server's limits, hand nothing on."""
+        if got[0] != DROP_OK or got[2] != KIND_HELLO:
+            return False
+        self.peer_limits = unpack_hello(got[5])
+        return True
+
+    cdef _hello(self, unsigned long long max_payload):
+        """Server side, at accept: send HELLO, the first packet on every connection. Never
+        waits (a fresh socket's queue is empty); a client already gone is noticed later."""
+        try:
+            self.send(KIND_HELLO, 0, arena_hello(max_payload), 0)
+        except (PeerGone, IPCTimeoutError):
+            pass
 
     def recv(self, timeout):
         """Wait up to ``timeout`` for one packet (None on timeout)."""
@@ -745,7 +768,10 @@ cdef class Conn:
                         if rc == 0:
                             rc = -2  # spurious wake-up
                 if rc == 1:
-                    return self._result(&pk, self.buf)
+                    got = self._result(&pk, self.buf)
+                    if self._took_hello(got):
+                        continue
+                    return got
                 if rc == -1:
                     if errno == EINTR:
                         PyErr_CheckSignals()
@@ -924,6 +950,7 @@ cdef class ServerTransport:
             conn.fd = fd
             conn._pin_peer()
             conn.max_payload = self.max_payload
+            conn._hello(self.max_payload)
             self.conns[fd] = conn
             ev.events = EPOLLIN
             ev.data.fd = fd

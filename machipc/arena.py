@@ -40,9 +40,9 @@ from typing import Optional
 
 from ._closer import close_received
 from .errors import IPCTimeoutError
-from .wire import Drop
+from .wire import Drop, pack_hello
 
-__all__ = ["Arena", "CONTROL", "REF", "ARENA_SEALS", "MAX_ARENAS", "map_arena", "locate"]
+__all__ = ["Arena", "CONTROL", "REF", "ARENA_SEALS", "MAX_ARENAS", "hello", "map_arena", "locate"]
 
 CONTROL = 4096
 #: The packet body of an ARENA packet: arena id, reserved, offset in the ring, release position.
@@ -115,6 +115,12 @@ class Arena:
         self.view.release()
         self._map.close()
         os.close(self.fd)
+
+
+def hello(max_payload: int) -> bytes:
+    """The HELLO payload a server sends first on each connection: its payload limit
+    and the arena limits :func:`locate` enforces (wire.pack_hello)."""
+    return pack_hello(max_payload, MAX_CAPACITY, MAX_ARENAS)
 
 
 def map_arena(fd: int) -> tuple[int, Optional[mmap.mmap]]:

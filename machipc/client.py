@@ -29,7 +29,7 @@ from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
 from . import arena, connecting, payload
-from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, unpack_error
+from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, Limits, unpack_error
 
 __all__ = ["Client", "Buffer"]
 
@@ -217,12 +217,21 @@ class Client:
     def _timeout(self, timeout) -> Optional[float]:
         return self.timeout if timeout is _DEFAULT else timeout
 
+    @property
+    def server_limits(self) -> Optional[Limits]:
+        """The limits the server announced in its HELLO: None until a packet from the
+        server has been read (the HELLO comes first), and on macOS."""
+        return getattr(self._conn, "peer_limits", None)
+
     def _check(self, data: Buffer) -> None:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
         size = len(data) if type(data) is bytes else payload.size_of(data)
         if size > self.max_size:
             raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
+        limits = self.server_limits
+        if limits is not None and size > limits.max_size:  # refused here, not after the transfer
+            raise MessageTooLarge(f"payload of {size} bytes is over the server's limit of {limits.max_size} bytes")
 
     def buffer(self, size: int) -> payload.LoanBuffer:
         """A writable ``size``-byte buffer to build a payload in place.

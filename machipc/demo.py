@@ -30,9 +30,12 @@ use Socket;
 socket(my $s, AF_UNIX, SOCK_SEQPACKET, 0) or die "socket: $!";
 connect($s, pack_sockaddr_un($ARGV[0])) or die "connect: $!";
 my $p = "hello from perl, pid $$";
-send($s, pack("vCCVQ<Q<", 0x696d, 1, 2, 0, 1, length $p) . $p, 0) or die "send: $!";
-defined(recv($s, my $r, 65560, 0)) or die "recv: $!";
-my ($magic, $ver, $kind, $flags, $id, $len) = unpack("vCCVQ<Q<", $r);
+send($s, pack("vCCVQ<Q<", 0x696d, 2, 2, 0, 1, length $p) . $p, 0) or die "send: $!";
+my ($r, $magic, $ver, $kind, $flags, $id, $len);
+do {  # the server's HELLO (kind 5) comes first
+    defined(recv($s, $r, 65560, 0)) or die "recv: $!";
+    ($magic, $ver, $kind, $flags, $id, $len) = unpack("vCCVQ<Q<", $r);
+} while ($kind == 5);
 my ($code) = unpack("v", substr($r, 24, 2));
 print "perl client pid $$: reply kind $kind code $code: ", substr($r, 26), "\n";
 """

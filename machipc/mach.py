@@ -46,6 +46,7 @@ from .wire import (
     CLIENT_ACCEPTS,
     HEADER_SIZE,
     SERVER_ACCEPTS,
+    VERSION,
     Drop,
     ErrorCode,
     Flag,
@@ -129,7 +130,7 @@ class _OneWay:
     id = 0
     order_by_sender = True  # workers.connection_key: there is no per-client connection
 
-    def send(self, kind, request_id, payload, timeout) -> None:
+    def send(self, kind, request_id, payload, timeout, version=VERSION) -> None:
         raise InvalidArgument("a one-way message (Client.send) has no reply path")
 
     def shutdown(self) -> None:
@@ -163,11 +164,11 @@ class ReplyConn:
             port, self._port = self._port, 0
         return port
 
-    def send(self, kind: int, request_id: int, payload, timeout: Optional[float]) -> None:
+    def send(self, kind: int, request_id: int, payload, timeout: Optional[float], version: int = VERSION) -> None:
         port = self._take()
         if not port:
             raise PeerGone("this request was already answered (its send-once reply right is used)")
-        _mach.send(port, MACH_MSG_TYPE_MOVE_SEND_ONCE, 0, 0, pack_header(kind, request_id, len(payload)), payload,
+        _mach.send(port, MACH_MSG_TYPE_MOVE_SEND_ONCE, 0, 0, pack_header(kind, request_id, len(payload), 0, version), payload,
                    timeout, gen=self._gen)
 
     def shutdown(self) -> None:

@@ -24,7 +24,7 @@ from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .ratelog import RateLimitedLog
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
 from .payload import MAX_PAYLOAD, size_of as payload_size
-from .wire import DROP_TEXT, Drop, ErrorCode, Kind, pack_error
+from .wire import DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
 
@@ -362,20 +362,23 @@ class Server:
         reason = Drop(status)
         text = DROP_TEXT.get(reason, reason.name)
         code = ErrorCode.MALFORMED
+        version = VERSION
         if reason == Drop.OVERSIZE:  # a memfd payload over max_size, refused before mapping
             self.stats.too_large += 1
             code, text = ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes"
         else:
             self.stats.dropped[reason.name] += 1
+        if reason == Drop.BAD_VERSION:  # answered in a header every client version reads
+            version, text = VERSION_ERROR_VERSION, f"{text}: this server speaks version {VERSION}"
         self.rate_log.warning(uid, f"dropped: {reason.name}", "dropped packet from pid %d uid %d: %s", pid, uid, text)
         if kind == Kind.REQUEST and request_id and status != Drop.BAD_MAGIC:
-            self._answer_error(conn, request_id, code, text)
+            self._answer_error(conn, request_id, code, text, version)
 
-    def _answer_error(self, conn, request_id: int, code: int, text: str) -> None:
+    def _answer_error(self, conn, request_id: int, code: int, text: str, version: int = VERSION) -> None:
         # On the receive thread, for senders that broke the rules or were refused: never
         # wait for them (timeout 0); one whose queue is full is hung up on at once.
         try:
-            conn.send(Kind.ERROR, request_id, pack_error(code, text), 0)
+            conn.send(Kind.ERROR, request_id, pack_error(code, text), 0, version)
         except Exception as exc:
             self.stats.reply_errors += 1
             log.info("could not send error reply: %s", exc)

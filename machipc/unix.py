@@ -57,10 +57,14 @@ from .wire import (
     INLINE_MAX,
     PACKET_MAX,
     SERVER_ACCEPTS,
+    VERSION,
     Drop,
     Flag,
+    Kind,
+    Limits,
     check_header,
     pack_header,
+    unpack_hello,
 )
 
 __all__ = ["Conn", "ServerTransport", "SO_PASSPIDFD", "SCM_PIDFD", "IMPLEMENTATION"]
@@ -122,16 +126,19 @@ class Conn:
         #: Largest memfd payload this side maps (bigger ones are dropped as OVERSIZE).
         self.max_payload = MAX_PAYLOAD
         self.arenas: dict = {}  # the peer's arenas: id -> mapping
+        #: The server's limits from its HELLO (client side; None until it is read).
+        self.peer_limits: Optional[Limits] = None
         # The process that connected, pinned at accept (see the module doc).
         self._peer_pid = 0
         self._peer_pidfd = -1
         self._peer_ino = 0
         self._pidfd_per_packet_on = False
 
-    def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float]) -> None:
-        """Send one packet, waiting up to ``timeout`` while the peer's queue is full."""
+    def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float], version: int = VERSION) -> None:
+        """Send one packet, waiting up to ``timeout`` while the peer's queue is full
+        (``version``: the header's, for an ERROR answering another version)."""
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-        self._sendmsg([pack_header(kind, request_id, size), payload], [], timeout)
+        self._sendmsg([pack_header(kind, request_id, size, 0, version), payload], [], timeout)
 
     def send_many(self, kind: int, payloads: list, timeout: Optional[float]) -> None:
         """Send inline packets in order (the Cython twin batches them with sendmmsg)."""
@@ -212,16 +219,19 @@ class Conn:
         while True:
             try:
                 data, anc, msg_flags, _ = self.sock.recvmsg(PACKET_MAX, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
-                break
             except BlockingIOError:
                 return None
             except (ConnectionResetError, BrokenPipeError):
                 # The peer left with our replies unread: the error is reported once, ahead
                 # of the packets it sent before leaving. Read on; EOF comes after them.
                 continue
-        if not data and not anc:
-            return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
-        return self._parse(data, anc, msg_flags)
+            if not data and not anc:
+                return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+            got = self._parse(data, anc, msg_flags)
+            if got[0] == Drop.OK and got[2] == Kind.HELLO:  # only a client accepts HELLO
+                self.peer_limits = unpack_hello(got[5])  # kept on the connection, not handed on
+                continue
+            return got
 
     def recv(self, timeout: Optional[float]) -> Optional[tuple]:
         """Wait up to ``timeout`` for one packet (None on timeout)."""
@@ -378,6 +388,14 @@ class Conn:
             return map_sealed(fd, header.length, self.max_payload)
         return Drop.OK, inline
 
+    def _hello(self, max_payload: int) -> None:
+        """Server side, at accept: send HELLO, the first packet on every connection. Never
+        waits (a fresh socket's queue is empty); a client already gone is noticed later."""
+        try:
+            self.send(Kind.HELLO, 0, arena.hello(max_payload), 0)
+        except (PeerGone, IPCTimeoutError):
+            pass
+
     def shutdown(self) -> None:
         """Tell the peer we are gone (EOF on its side); the fd stays open until released."""
         try:
@@ -495,6 +513,7 @@ class ServerTransport:
             conn = Conn(sock, True, self._pidfs)
             conn._pin_peer()
             conn.max_payload = self.max_payload
+            conn._hello(self.max_payload)
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, select.EPOLLIN)
 

@@ -8,7 +8,7 @@ All integers are little-endian::
 
     offset size field
     0      2    magic        0x696d (the bytes b"mi")
-    2      1    version      1
+    2      1    version      2 (VERSION; ERROR packets of any version are read alike)
     3      1    kind         Kind
     4      4    flags        Flag bits; unknown bits are an error
     8      8    request_id   0 for one-way messages, otherwise chosen by the client
@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 MAGIC = 0x696D
-VERSION = 1
+#: Version 2 added HELLO (the server's limits, first packet on a connection).
+VERSION = 2
+#: The version of the ERROR answering a packet of a version this side does not speak:
+#: the ERROR layout is the same in every version, and every peer ever written reads version 1.
+VERSION_ERROR_VERSION = 1
 HEADER = struct.Struct("<HBBIQQ")
 HEADER_SIZE = HEADER.size  # 24
 
@@ -35,12 +39,13 @@ PACKET_MAX = HEADER_SIZE + INLINE_MAX
 
 
 class Kind(enum.IntEnum):
-    """What a packet is. Servers accept MESSAGE and REQUEST; clients REPLY and ERROR."""
+    """What a packet is. Servers accept MESSAGE and REQUEST; clients REPLY, ERROR and HELLO."""
 
     MESSAGE = 1  # one-way, no answer
     REQUEST = 2  # expects exactly one REPLY or ERROR with the same request_id
     REPLY = 3
     ERROR = 4  # payload: u16 ErrorCode + UTF-8 text
+    HELLO = 5  # server -> client, first packet on a connection: the server's limits (HELLO struct)
 
 
 class Flag(enum.IntFlag):
@@ -117,9 +122,9 @@ class Header(NamedTuple):
     length: int
 
 
-def pack_header(kind: int, request_id: int, length: int, flags: int = 0) -> bytes:
+def pack_header(kind: int, request_id: int, length: int, flags: int = 0, version: int = VERSION) -> bytes:
     """Return the 24-byte header for a packet."""
-    return HEADER.pack(MAGIC, VERSION, kind, flags, request_id, length)
+    return HEADER.pack(MAGIC, version, kind, flags, request_id, length)
 
 
 def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[int, Header | None]:
@@ -135,7 +140,7 @@ def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[
     header = Header(kind, flags, request_id, length)
     if magic != MAGIC:
         return Drop.BAD_MAGIC, None
-    if version != VERSION:
+    if version != VERSION and not (kind == Kind.ERROR and kind in accepted):
         return Drop.BAD_VERSION, header
     if kind not in accepted:
         return Drop.BAD_KIND, header
@@ -149,13 +154,37 @@ def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[
             return Drop.BAD_LENGTH, header
     elif length != len(packet) - HEADER_SIZE:
         return Drop.BAD_LENGTH, header
-    if (request_id == 0) != (kind == Kind.MESSAGE):
+    if (request_id == 0) != (kind == Kind.MESSAGE or kind == Kind.HELLO):
         return Drop.BAD_REQUEST_ID, header
     return Drop.OK, header
 
 
 SERVER_ACCEPTS = frozenset({Kind.MESSAGE, Kind.REQUEST})
-CLIENT_ACCEPTS = frozenset({Kind.REPLY, Kind.ERROR})
+CLIENT_ACCEPTS = frozenset({Kind.REPLY, Kind.ERROR, Kind.HELLO})
+
+#: HELLO payload: largest payload the server accepts (bytes, any transfer), largest arena
+#: ring it maps (bytes, without the control page), arenas it keeps per connection, largest
+#: inline payload. A reader ignores bytes after the fields it knows (later fields extend it).
+HELLO = struct.Struct("<QQII")
+
+
+class Limits(NamedTuple):
+    max_size: int
+    arena_capacity: int
+    arenas: int
+    inline_max: int
+
+
+def pack_hello(max_size: int, arena_capacity: int, arenas: int) -> bytes:
+    """Payload of the HELLO a server sends first on every connection."""
+    return HELLO.pack(max_size, arena_capacity, arenas, INLINE_MAX)
+
+
+def unpack_hello(payload) -> Optional[Limits]:
+    """The limits a HELLO announces; None when it is shorter than the fields of this version."""
+    if len(payload) < HELLO.size:
+        return None
+    return Limits(*HELLO.unpack_from(payload))
 
 ERROR_CODE = struct.Struct("<H")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import sys
 import tempfile
 import textwrap
@@ -11,7 +12,7 @@ import threading
 import pytest
 
 import machipc
-from machipc import _backend
+from machipc import _backend, wire
 
 IMPLS = ["py"] + (["c"] if _backend._compiled is not None else [])
 
@@ -73,6 +74,17 @@ def python_client(sockdir: str, impl: str, body: str, name: str = "org.test.svc"
     """argv running ``body`` in a new Python process with ``c`` connected to ``name``."""
     code = "import machipc, os, sys\n" + f"c = machipc.Client({name!r}, directory={sockdir!r}, impl={impl!r})\n"
     return [sys.executable, "-c", code + textwrap.dedent(body)]
+
+
+def raw_connect(path: str, timeout: float = 5.0) -> socket.socket:
+    """A hand-driven SEQPACKET connection to a server, its HELLO (always the first
+    packet a server sends, docs/protocol.md) already read."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.settimeout(timeout)
+    hello = s.recv(wire.PACKET_MAX)
+    assert wire.HEADER.unpack_from(hello)[2] == wire.Kind.HELLO, hello
+    return s
 
 
 def wait_for(condition, timeout: float = 10.0) -> bool:

@@ -13,7 +13,7 @@ import machipc
 from machipc import arena, wire
 from machipc.wire import Flag, Kind
 
-from conftest import wait_for
+from conftest import raw_connect, wait_for
 
 MiB = 1024 * 1024
 
@@ -99,8 +99,7 @@ def test_hostile_arena_references(serve, client, case):
     cli = client()
     assert cli.request(b"warm", timeout=5) == b"echo:warm"
     before = len(os.listdir("/proc/self/fd"))
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    raw.connect(srv.path)
+    raw = raw_connect(srv.path)
     fd = make()
     header = wire.pack_header(Kind.REQUEST, 7, length, flags)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
@@ -119,9 +118,7 @@ def test_hostile_arena_references(serve, client, case):
 
 def test_too_many_arenas_on_one_connection(serve, client):
     srv = serve(lambda m: b"ok")
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    raw.connect(srv.path)
-    raw.settimeout(5)
+    raw = raw_connect(srv.path)
     codes = []
     for i in range(arena.MAX_ARENAS + 1):
         fd = _arena_fd(arena.CONTROL + MiB)
@@ -135,14 +132,19 @@ def test_too_many_arenas_on_one_connection(serve, client):
     raw.close()
 
 
-def test_refused_payloads_still_free_their_region(serve, client):
-    srv = serve(max_size=MiB)
+def test_a_client_learns_the_server_limit_from_its_hello(serve, client):
+    srv = serve(lambda m: b"%d" % len(m.data), max_size=MiB)
     cli = client()
-    for _ in range(10):  # 20 MiB through an 8 MiB ring, every one refused as too large
-        with pytest.raises(machipc.MessageTooLarge):
-            cli.request(b"x" * (2 * MiB), timeout=5)
-    assert srv.stats.too_large == 10
-    assert cli.request(b"ok", timeout=5) == b"echo:ok"
+    assert cli.server_limits is None  # nothing read from the server yet
+    with pytest.raises(machipc.MessageTooLarge, match="over the server's limit of 1048576"):
+        cli.request(b"x" * (2 * MiB), timeout=5)  # sent, refused by the server, region released
+    assert srv.stats.too_large == 1
+    assert cli.server_limits == (MiB, arena.MAX_CAPACITY, arena.MAX_ARENAS, wire.INLINE_MAX)
+    for _ in range(10):  # now refused before anything is sent
+        with pytest.raises(machipc.MessageTooLarge, match="server's limit"):
+            cli.send(b"x" * (2 * MiB), timeout=5)
+    assert cli.request(b"x" * MiB, timeout=5) == b"%d" % MiB  # the ring was not wedged
+    assert srv.stats.too_large == 1
 
 
 def test_a_region_that_needs_the_skipped_tail_fits_once_the_ring_is_empty(impl, sockdir, client):

@@ -18,6 +18,7 @@ import struct
 
 import pytest
 
+import machipc
 from machipc import arena, wire
 from machipc.wire import ErrorCode, Flag, Kind
 
@@ -58,6 +59,9 @@ class Raw:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.connect(path)
         self.sock.settimeout(10)
+        kind, rid, payload = self.answer()
+        assert (kind, rid) == (Kind.HELLO, 0), "HELLO MUST be the first packet from the server"
+        self.limits = wire.unpack_hello(payload)
 
     def send(self, packet: bytes, fds: tuple = ()) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
@@ -65,18 +69,27 @@ class Raw:
 
     def answer(self) -> tuple[int, int, bytes]:
         """(kind, request_id, payload) of the next packet from the server."""
+        return self.packet()[1:]
+
+    def packet(self) -> tuple[int, int, int, bytes]:
+        """(version, kind, request_id, payload) of the next packet; checks magic, flags, length."""
         data = self.sock.recv(wire.PACKET_MAX)
-        _magic, _version, kind, _flags, rid, _length = HEADER.unpack_from(data)
-        return kind, rid, data[24:]
+        magic, version, kind, flags, rid, length = HEADER.unpack_from(data)
+        assert (magic, flags, length) == (0x696D, 0, len(data) - 24)
+        return version, kind, rid, data[24:]
 
     def close(self) -> None:
         self.sock.close()
 
 
+def count(m) -> bytes:
+    return b"got %d" % len(m.data)
+
+
 @pytest.fixture
 def raw(serve):
-    """(server, connect()) with the echo handler; connect() -> Raw."""
-    srv = serve(max_size=2 * MiB)
+    """(server, connect()) answering b"got N" for an N-byte payload; connect() -> Raw."""
+    srv = serve(count, max_size=2 * MiB)
     made = []
 
     def connect() -> Raw:
@@ -92,7 +105,7 @@ def raw(serve):
 def ok_request(conn: Raw, rid: int) -> None:
     """A well-formed inline request: proves the connection still serves, in order."""
     conn.send(header(Kind.REQUEST, rid, 2) + b"hi")
-    assert conn.answer() == (Kind.REPLY, rid, b"echo:hi")
+    assert conn.answer() == (Kind.REPLY, rid, b"got 2")
 
 
 # -- arena packets: the receiver stores `release` whatever the outcome ---------
@@ -146,3 +159,131 @@ def test_every_arena_outcome_releases_the_region(raw, case):
         assert wait_for(lambda: _stat(srv, key) == before + counted)
     finally:
         ring.close()
+
+
+# -- every packet a client can send, and what the server MUST do with it --------
+
+
+def _memfd(data: bytes, seals: int = fcntl.F_SEAL_WRITE | ARENA_SEALS) -> int:
+    fd = os.memfd_create("conformance", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def _pipe_end() -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+R = Kind.REQUEST
+M = Kind.MESSAGE
+BIG = 100_000  # over INLINE_MAX: a memfd payload
+# name: (packet, fds to attach (made per run), expected answer, answer header version, stats key)
+#   expected answer: None (nothing, ever), b"..." (a REPLY with that payload), or an ErrorCode.
+CASES = {
+    "inline request": (header(R, 5, 3) + b"abc", lambda: (), b"got 3", wire.VERSION, "received"),
+    "inline message": (header(M, 0, 3) + b"abc", lambda: (), None, 0, "received"),
+    "0-byte message is a message, not EOF": (header(M, 0, 0), lambda: (), None, 0, "received"),
+    "0-byte request": (header(R, 5, 0), lambda: (), b"got 0", wire.VERSION, "received"),
+    "largest inline request (65,560-byte packet)": (header(R, 5, wire.INLINE_MAX) + b"x" * wire.INLINE_MAX, lambda: (), b"got 65536", wire.VERSION, "received"),
+    "request id 2**64-1": (header(R, 2**64 - 1, 1) + b"x", lambda: (), b"got 1", wire.VERSION, "received"),
+    "sealed memfd request": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG),), b"got 100000", wire.VERSION, "received"),
+    "sealed memfd of 1 byte": (header(R, 5, 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m"),), b"got 1", wire.VERSION, "received"),
+    # SHORT, BAD_MAGIC: the header cannot be trusted, nothing is answered.
+    "23 bytes": (header(R, 5, 0)[:23], lambda: (), None, 0, "SHORT"),
+    "bad magic": (header(R, 5, 0, magic=0x6D69), lambda: (), None, 0, "BAD_MAGIC"),
+    # BAD_VERSION: a request is answered MALFORMED in a version-1 header (every peer reads it).
+    "version 1 request": (header(R, 5, 1, version=1) + b"x", lambda: (), ErrorCode.MALFORMED, 1, "BAD_VERSION"),
+    "version 3 request": (header(R, 5, 1, version=3) + b"x", lambda: (), ErrorCode.MALFORMED, 1, "BAD_VERSION"),
+    "version 1 message": (header(M, 0, 1, version=1) + b"x", lambda: (), None, 0, "BAD_VERSION"),
+    "kind REPLY": (header(Kind.REPLY, 5, 0), lambda: (), None, 0, "BAD_KIND"),
+    "kind ERROR": (header(Kind.ERROR, 5, 2) + b"\x01\x00", lambda: (), None, 0, "BAD_KIND"),
+    "kind HELLO": (header(Kind.HELLO, 0, 0), lambda: (), None, 0, "BAD_KIND"),
+    "kind 0": (header(0, 5, 0), lambda: (), None, 0, "BAD_KIND"),
+    "kind 255": (header(255, 5, 0), lambda: (), None, 0, "BAD_KIND"),
+    "flag bit 2": (header(R, 5, 0, 4), lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_FLAGS"),
+    "flag bit 31, one-way": (header(M, 0, 0, 1 << 31), lambda: (), None, 0, "BAD_FLAGS"),
+    "length over the body": (header(R, 5, 4) + b"abc", lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_LENGTH"),
+    "length under the body": (header(R, 5, 2) + b"abc", lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_LENGTH"),
+    "PAYLOAD_FD with a body": (header(R, 5, BIG, Flag.PAYLOAD_FD) + b"x", lambda: (_memfd(b"m" * BIG),), ErrorCode.MALFORMED, wire.VERSION, "BAD_LENGTH"),
+    "PAYLOAD_FD of length 0": (header(R, 5, 0, Flag.PAYLOAD_FD), lambda: (_memfd(b"m"),), ErrorCode.MALFORMED, wire.VERSION, "BAD_LENGTH"),
+    "request id 0": (header(R, 0, 1) + b"x", lambda: (), None, 0, "BAD_REQUEST_ID"),
+    "message with an id": (header(M, 5, 1) + b"x", lambda: (), None, 0, "BAD_REQUEST_ID"),
+    "inline packet of 65,561 bytes": (header(R, 5, wire.INLINE_MAX + 1) + b"x" * (wire.INLINE_MAX + 1), lambda: (), ErrorCode.MALFORMED, wire.VERSION, "TRUNCATED"),
+    "fd on an inline packet": (header(R, 5, 1) + b"x", lambda: (_memfd(b"m"),), ErrorCode.MALFORMED, wire.VERSION, "UNEXPECTED_FDS"),
+    "two fds on PAYLOAD_FD": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG), _memfd(b"m" * BIG)), ErrorCode.MALFORMED, wire.VERSION, "UNEXPECTED_FDS"),
+    "PAYLOAD_FD without an fd": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "unsealed memfd": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG, 0),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "memfd without F_SEAL_WRITE": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG, ARENA_SEALS),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "memfd larger than length": (header(R, 5, BIG - 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "memfd smaller than length": (header(R, 5, BIG + 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "a pipe, not a memfd": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_pipe_end(),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "memfd over max_size": (header(R, 5, 2 * MiB + 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * (2 * MiB + 1)),), ErrorCode.TOO_LARGE, wire.VERSION, "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_packet_gets_its_documented_outcome(raw, case):
+    packet, make_fds, expected, version, key = CASES[case]
+    srv, connect = raw
+    conn = connect()
+    fds = make_fds()
+    before = _stat(srv, key)
+    conn.send(packet, fds)
+    for fd in fds:
+        os.close(fd)
+    if expected is not None:
+        got_version, kind, rid, payload = conn.packet()
+        assert (got_version, rid) == (version, HEADER.unpack_from(packet)[4])
+        if isinstance(expected, bytes):
+            assert (kind, payload) == (Kind.REPLY, expected)
+        else:
+            code, text = wire.unpack_error(payload)
+            assert (kind, code) == (Kind.ERROR, expected), text
+            if key == "BAD_VERSION":
+                assert "this server speaks version 2" in text
+    ok_request(conn, 1)  # the connection still serves, and nothing else was answered before it
+    counted = 2 if key == "received" else 1
+    assert wait_for(lambda: _stat(srv, key) == before + counted)
+
+
+def test_hello_is_the_first_packet_and_announces_the_limits(raw):
+    srv, connect = raw
+    conn = connect()  # Raw reads the HELLO, and checks it is the first packet
+    assert conn.limits == (2 * MiB, arena.MAX_CAPACITY, arena.MAX_ARENAS, wire.INLINE_MAX)
+    assert (conn.limits.arena_capacity, conn.limits.arenas) == (128 * MiB, 4)
+
+
+def test_inline_payload_over_a_small_max_size_is_too_large(serve):
+    srv = serve(count, max_size=100)
+    conn = Raw(srv.path)
+    assert conn.limits.max_size == 100
+    conn.send(header(R, 5, 101) + b"x" * 101)
+    kind, rid, payload = conn.answer()
+    assert (kind, rid, wire.unpack_error(payload)[0]) == (Kind.ERROR, 5, ErrorCode.TOO_LARGE)
+    conn.send(header(R, 6, 100) + b"x" * 100)
+    assert conn.answer() == (Kind.REPLY, 6, b"got 100")
+    assert srv.stats.too_large == 1
+    conn.close()
+
+
+def test_duplicate_outstanding_request_ids_are_each_answered(raw):
+    _srv, connect = raw
+    conn = connect()
+    conn.send(header(R, 5, 1) + b"a")
+    conn.send(header(R, 5, 2) + b"bb")
+    assert sorted([conn.answer(), conn.answer()]) == [(Kind.REPLY, 5, b"got 1"), (Kind.REPLY, 5, b"got 2")]
+
+
+def test_a_rejected_sender_gets_rejected_and_nothing_else(serve):
+    srv = serve(count, policy=lambda peer: machipc.policies.Decision.deny("conformance"))
+    conn = Raw(srv.path)
+    conn.send(header(M, 0, 1) + b"x")
+    conn.send(header(R, 5, 1) + b"x")
+    kind, rid, payload = conn.answer()
+    assert (kind, rid, wire.unpack_error(payload)[0]) == (Kind.ERROR, 5, ErrorCode.REJECTED)
+    assert wait_for(lambda: srv.stats.rejected == 2)
+    conn.close()

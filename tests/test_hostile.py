@@ -22,16 +22,9 @@ import machipc
 from machipc import wire
 from machipc.wire import Kind
 
-from conftest import wait_for
+from conftest import raw_connect, wait_for
 
 MAX_FDS = 253  # SCM_MAX_FD
-
-
-def raw_connect(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(path)
-    s.settimeout(5)
-    return s
 
 
 def nfds() -> int:
@@ -139,16 +132,16 @@ def test_request_ids_kinds_and_flags(serve, client):
     raw = raw_connect(srv.path)
     good = client()
     hostile = [
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 0, 0, 1) + b"x", "BAD_REQUEST_ID", None),  # unanswerable
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.MESSAGE, 0, 5, 1) + b"x", "BAD_REQUEST_ID", None),
-        (wire.HEADER.pack(wire.MAGIC, 1, 0, 0, 6, 0), "BAD_KIND", None),
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.ERROR, 0, 7, 2) + b"\x01\x00", "BAD_KIND", None),
-        (wire.HEADER.pack(wire.MAGIC, 1, 5, 0, 8, 0), "BAD_KIND", None),
-        (wire.HEADER.pack(wire.MAGIC, 1, 255, 0, 9, 0), "BAD_KIND", None),
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 1 << 30, 10, 0), "BAD_FLAGS", 10),
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 0x80000000, 11, 0), "BAD_FLAGS", 11),
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.MESSAGE, 0xFFFF0000, 0, 0), "BAD_FLAGS", None),  # high bits: never defined
-        (wire.HEADER.pack(wire.MAGIC, 1, Kind.REQUEST, 0, 2**64 - 1, 2**64 - 1), "BAD_LENGTH", 2**64 - 1),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.REQUEST, 0, 0, 1) + b"x", "BAD_REQUEST_ID", None),  # unanswerable
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.MESSAGE, 0, 5, 1) + b"x", "BAD_REQUEST_ID", None),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, 0, 0, 6, 0), "BAD_KIND", None),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.ERROR, 0, 7, 2) + b"\x01\x00", "BAD_KIND", None),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, 5, 0, 8, 0), "BAD_KIND", None),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, 255, 0, 9, 0), "BAD_KIND", None),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.REQUEST, 1 << 30, 10, 0), "BAD_FLAGS", 10),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.REQUEST, 0x80000000, 11, 0), "BAD_FLAGS", 11),
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.MESSAGE, 0xFFFF0000, 0, 0), "BAD_FLAGS", None),  # high bits: never defined
+        (wire.HEADER.pack(wire.MAGIC, wire.VERSION, Kind.REQUEST, 0, 2**64 - 1, 2**64 - 1), "BAD_LENGTH", 2**64 - 1),
         (wire.HEADER.pack(wire.MAGIC, 0, Kind.REQUEST, 0, 12, 0), "BAD_VERSION", 12),
         (wire.HEADER.pack(wire.MAGIC, 255, Kind.MESSAGE, 0, 0, 0), "BAD_VERSION", None),
         (b"mi", "SHORT", None),
@@ -186,7 +179,7 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(path)
 os.setgid(65534)
 os.setuid(65534)
-hdr = struct.pack("<HBBIQQ", 0x696D, 1, 2, 0, 1, 6)
+hdr = struct.pack("<HBBIQQ", 0x696D, 2, 2, 0, 1, 6)
 results = []
 for pid, uid, gid in [(1, 0, 0), (os.getppid(), 65534, 65534), (os.getpid(), 0, 0), (os.getpid(), 65534, 0)]:
     creds = struct.pack("=iII", pid, uid, gid)
@@ -199,6 +192,7 @@ for pid, uid, gid in [(1, 0, 0), (os.getppid(), 65534, 65534), (os.getpid(), 0, 
 s.sendmsg([hdr + b"honest"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("=iII", os.getpid(), 65534, 65534))])
 print(" ".join(map(str, results)), os.getpid(), flush=True)
 s.settimeout(10)
+hello = s.recv(200)  # the server's HELLO comes first
 print(s.recv(200)[3], flush=True)
 """
 

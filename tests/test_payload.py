@@ -15,7 +15,7 @@ import machipc
 from machipc import payload, wire
 from machipc.wire import Flag, Kind
 
-from conftest import python_client, wait_for
+from conftest import python_client, raw_connect, wait_for
 
 MiB = 1024 * 1024
 
@@ -90,8 +90,7 @@ def test_loaned_reply(serve, client):
 
 
 def _raw_send(path: str, header: bytes, fds: list[int]) -> socket.socket:
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    raw.connect(path)
+    raw = raw_connect(path)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     raw.sendmsg([header], anc)
     return raw

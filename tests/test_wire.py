@@ -19,7 +19,7 @@ def packet(kind=Kind.REQUEST, rid=7, payload=b"abc", **override):
 def test_header_is_24_bytes_little_endian():
     h = pack_header(Kind.REQUEST, 0x0102030405060708, 5)
     assert len(h) == HEADER_SIZE == 24
-    assert h[:2] == b"mi" and h[2] == 1 and h[3] == 2
+    assert h[:2] == b"mi" and h[2] == 2 and h[3] == 2
     assert h[8:16] == bytes([8, 7, 6, 5, 4, 3, 2, 1])
     assert h[16:24] == (5).to_bytes(8, "little")
 
@@ -31,7 +31,9 @@ def test_header_is_24_bytes_little_endian():
         (packet(kind=Kind.MESSAGE, rid=0), Drop.OK),
         (b"mi\x01", Drop.SHORT),
         (packet(magic=0x1234), Drop.BAD_MAGIC),
-        (packet(version=2), Drop.BAD_VERSION),
+        (packet(version=1), Drop.BAD_VERSION),
+        (packet(version=3), Drop.BAD_VERSION),
+        (packet(kind=Kind.ERROR, version=1), Drop.BAD_VERSION),  # a server reads no ERROR of any version
         (packet(kind=Kind.REPLY), Drop.BAD_KIND),
         (packet(kind=9), Drop.BAD_KIND),
         (packet(flags=4), Drop.BAD_FLAGS),
@@ -58,6 +60,7 @@ def test_error_payload_round_trip():
 def test_cython_constants_match_wire():
     c = _backend._compiled.CONSTANTS
     assert c["MAGIC"] == wire.MAGIC and c["VERSION"] == wire.VERSION
+    assert c["VERSION_ERROR_VERSION"] == wire.VERSION_ERROR_VERSION
     assert c["HEADER_SIZE"] == wire.HEADER_SIZE and c["INLINE_MAX"] == wire.INLINE_MAX
     assert c["KNOWN_FLAGS"] == wire.KNOWN_FLAGS
     for kind in Kind:
@@ -67,16 +70,53 @@ def test_cython_constants_match_wire():
             assert c[drop.name] == drop, drop
 
 
-def _classify(impl: str, data: bytes):
-    """Send ``data`` over a real socketpair into a server-side Conn of ``impl``."""
+def _classify(impl: str, data: bytes, server_side: bool = True):
+    """Send ``data`` over a real socketpair into a server-side (or client-side) Conn of ``impl``."""
     mod = _backend.transport(impl)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    conn = mod.Conn(b, True, False)
+    conn = mod.Conn(b, server_side, False)
     a.send(data)
     got = conn.recv(1.0)
     a.close()
+    if got is None:
+        return None, conn.peer_limits, b""
     return got[0], got[2:5], bytes(got[5])
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (packet(kind=Kind.REPLY), Drop.OK),
+        (packet(kind=Kind.REPLY, version=1), Drop.BAD_VERSION),
+        (packet(kind=Kind.ERROR, payload=b"\x03\x00no", version=1), Drop.OK),  # the ERROR layout never changes
+        (packet(kind=Kind.ERROR, payload=b"\x03\x00no", version=7), Drop.OK),
+        (packet(kind=Kind.HELLO, rid=5, payload=wire.pack_hello(1, 2, 3)), Drop.BAD_REQUEST_ID),
+        (packet(kind=Kind.MESSAGE, rid=0), Drop.BAD_KIND),
+        (packet(kind=Kind.REQUEST), Drop.BAD_KIND),
+    ],
+)
+def test_client_side_header_rules_in_both_transports(data, expected):
+    assert check_header(data, wire.CLIENT_ACCEPTS)[0] == expected
+    for impl in ["py"] + (["c"] if _backend._compiled is not None else []):
+        assert _classify(impl, data, server_side=False)[0] == expected, impl
+
+
+@pytest.mark.parametrize("impl", ["py"] + (["c"] if _backend._compiled is not None else []))
+def test_a_client_keeps_the_hello_and_hands_on_what_follows(impl):
+    mod = _backend.transport(impl)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = mod.Conn(b, False, False)
+    a.send(packet(kind=Kind.HELLO, rid=0, payload=wire.pack_hello(1000, 2000, 3) + b"later fields"))
+    a.send(packet(kind=Kind.REPLY, rid=9, payload=b"r"))
+    got = conn.recv(5.0)
+    assert got[0] == Drop.OK and got[2:5] == (Kind.REPLY, 0, 9) and bytes(got[5]) == b"r"
+    assert conn.peer_limits == (1000, 2000, 3, wire.INLINE_MAX)
+    a.send(packet(kind=Kind.HELLO, rid=0, payload=b"short"))
+    assert conn.recv_nowait() is None  # a HELLO is never handed on
+    assert conn.peer_limits is None  # ... and a short one announces nothing
+    a.close()
+    conn.close()
 
 
 @settings(max_examples=150, deadline=None)
@@ -86,7 +126,7 @@ def _classify(impl: str, data: bytes):
     flags=st.sampled_from([0, 1, 2, 3, 4, 2**31]),
     payload=st.sampled_from([b""]) | st.binary(max_size=64),
     delta=st.sampled_from([0, 0, 0, 1, -1, 2**40]),
-    version=st.sampled_from([1, 1, 0, 2]),
+    version=st.sampled_from([2, 2, 0, 1, 3]),
     cut=st.integers(0, 30),
 )
 def test_both_transports_classify_packets_alike(kind, rid, flags, payload, delta, version, cut):
