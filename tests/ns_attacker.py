@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 
-MAGIC, VERSION, REQUEST, REPLY, ERROR = b"mi", 1, 2, 3, 4
+MAGIC, VERSION, REQUEST, REPLY, ERROR, HELLO = b"mi", 2, 2, 3, 4, 5
 
 
 def request(sock, request_id, body, pid):
@@ -31,6 +31,8 @@ def request(sock, request_id, body, pid):
     sock.sendmsg([header + body], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
     sock.settimeout(20)
     reply = sock.recv(70000)
+    while reply[3] == HELLO:  # the server's first packet on the connection
+        reply = sock.recv(70000)
     if reply[3] == REPLY:
         return "reply"
     if reply[3] == ERROR:
