@@ -414,16 +414,14 @@ class Peer(ProcessIdentity):
         if self.audit_token is None:
             return self._unknown("unknown: no audit token for this sender")
         try:
-            path = _macos.path_for_token(self.audit_token)
+            # The running image's (dev, ino) from the process's own mapping, not a stat of
+            # its path (which may name another file by now): exe_sha256 and SameDirectory
+            # compare files against it.
+            return _macos.image_for_token(self.audit_token)
         except ProcessLookupError:
             return self._unknown(UNKNOWN_GONE)
         except OSError as exc:
-            return self._unknown(f"cannot resolve the sender's executable: {exc.strerror or exc}")
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            return self._unknown(f"cannot stat the sender's executable {path}: {exc.strerror}")
-        return path, (st.st_dev, st.st_ino)
+            return self._unknown(f"cannot identify the sender's executable: {exc.strerror or exc}")
 
     def _read_exe(self) -> Optional[tuple[str, tuple[int, int]]]:
         if LINUX:

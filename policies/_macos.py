@@ -21,6 +21,9 @@ import struct
 from typing import Optional, Sequence
 
 __all__ = [
+    "FrameworkUnavailable",
+    "SecError",
+    "image_for_token",
     "path_for_token",
     "pidversion_alive",
     "signing_info_for_token",
@@ -60,8 +63,56 @@ _cf = None
 _sec = None
 
 
+class FrameworkUnavailable(OSError):
+    """CoreFoundation / Security.framework cannot be loaded (or lacks a symbol):
+    the only failure after which a caller may fall back to another check."""
+
+
+class SecError(OSError):
+    """A Security.framework call failed with ``status`` (an OSStatus): deny, never fall back."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(errno.EINVAL, text)
+        self.status = status
+
+
 class AuditToken(ctypes.Structure):
     _fields_ = [("val", ctypes.c_uint32 * 8)]
+
+
+# <sys/proc_info.h>; tools/macos_check.py asserts these layouts against the SDK.
+PROC_PIDREGIONPATHINFO = 8
+VM_PROT_EXECUTE = 0x4
+MAXPATHLEN = 1024
+
+
+class ProcRegionInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("pri_protection", "pri_max_protection", "pri_inheritance",
+                                                "pri_flags")] + [("pri_offset", ctypes.c_uint64)] + [
+        (n, ctypes.c_uint32) for n in ("pri_behavior", "pri_user_wired_count", "pri_user_tag", "pri_pages_resident",
+                                       "pri_pages_shared_now_private", "pri_pages_swapped_out", "pri_pages_dirtied",
+                                       "pri_ref_count", "pri_shadow_depth", "pri_share_mode",
+                                       "pri_private_pages_resident", "pri_shared_pages_resident", "pri_obj_id",
+                                       "pri_depth")] + [("pri_address", ctypes.c_uint64), ("pri_size", ctypes.c_uint64)]
+
+
+class VinfoStat(ctypes.Structure):
+    _fields_ = [("vst_dev", ctypes.c_uint32), ("vst_mode", ctypes.c_uint16), ("vst_nlink", ctypes.c_uint16),
+                ("vst_ino", ctypes.c_uint64), ("vst_uid", ctypes.c_uint32), ("vst_gid", ctypes.c_uint32)] + [
+        (n, ctypes.c_int64) for n in ("vst_atime", "vst_atimensec", "vst_mtime", "vst_mtimensec", "vst_ctime",
+                                      "vst_ctimensec", "vst_birthtime", "vst_birthtimensec", "vst_size",
+                                      "vst_blocks")] + [
+        ("vst_blksize", ctypes.c_int32), ("vst_flags", ctypes.c_uint32), ("vst_gen", ctypes.c_uint32),
+        ("vst_rdev", ctypes.c_uint32), ("vst_qspare", ctypes.c_int64 * 2)]
+
+
+class VnodeInfoPath(ctypes.Structure):
+    _fields_ = [("vi_stat", VinfoStat), ("vi_type", ctypes.c_int), ("vi_pad", ctypes.c_int),
+                ("vi_fsid", ctypes.c_int32 * 2), ("vip_path", ctypes.c_char * MAXPATHLEN)]
+
+
+class ProcRegionWithPathInfo(ctypes.Structure):
+    _fields_ = [("prp_prinfo", ProcRegionInfo), ("prp_vip", VnodeInfoPath)]
 
 
 def _token(words: Sequence[int]) -> AuditToken:
@@ -77,6 +128,8 @@ def _load_libc():
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "/usr/lib/libSystem.B.dylib", use_errno=True)
         lib.proc_pidpath_audittoken.argtypes = [ctypes.POINTER(AuditToken), ctypes.c_void_p, ctypes.c_uint32]
         lib.proc_pidpath_audittoken.restype = ctypes.c_int
+        lib.proc_pidinfo.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int]
+        lib.proc_pidinfo.restype = ctypes.c_int
         _libc = lib
     return _libc
 
@@ -98,14 +151,56 @@ def path_for_token(words: Sequence[int]) -> str:
 
 
 def pidversion_alive(pid: int, pidversion: int) -> bool:
-    """True while ``pid`` still has this ``pidversion`` (same process, same exec)."""
+    """True while ``pid`` still has this ``pidversion`` (same process, same exec).
+
+    Only ESRCH means gone: libproc's proc_pidpath_audittoken checks the
+    pidversion first (ESRCH on a mismatch, libsyscall/wrappers/libproc/libproc.c)
+    and only then builds the path (proc_pidpathinfo_internal, xnu
+    bsd/kern/proc_info.c), which fails with ENOENT/EACCES for a live process
+    whose binary was deleted or lies where this process cannot look.
+    """
     words = [0] * 8
     words[5], words[7] = pid, pidversion
     try:
         path_for_token(words)
-    except OSError:
+    except ProcessLookupError:
         return False
+    except OSError:
+        return True
     return True
+
+
+def image_for_token(words: Sequence[int], max_regions: int = 65536) -> tuple[str, tuple[int, int]]:
+    """``(path, (st_dev, st_ino))`` of the file the token's process *runs*.
+
+    The path alone (proc_pidpath_audittoken) is a name built from the text
+    vnode, and whatever that name points to a moment later may be another file.
+    So the running image is also found in the process's VM map: the executable
+    region mapped from a file of that very path (PROC_PIDREGIONPATHINFO walks
+    the map entries in address order, fill_procregioninfo in xnu
+    bsd/kern/proc_info.c), whose vnode's (dev, ino) is the image's own. The
+    token is checked again afterwards, since proc_pidinfo takes a bare pid.
+    Raises ProcessLookupError when the process is gone, OSError when the image
+    cannot be found (then identity is unknown, never guessed).
+    """
+    path = path_for_token(words)
+    lib = _load_libc()
+    info = ProcRegionWithPathInfo()
+    address, pid, raw = 0, words[5], os.fsencode(path)
+    for _ in range(max_regions):
+        n = lib.proc_pidinfo(pid, PROC_PIDREGIONPATHINFO, address, ctypes.byref(info), ctypes.sizeof(info))
+        if n < ctypes.sizeof(info):
+            break
+        region, vip = info.prp_prinfo, info.prp_vip
+        if region.pri_protection & VM_PROT_EXECUTE and vip.vip_path == raw:
+            if not pidversion_alive(pid, words[7]):
+                raise ProcessLookupError(errno.ESRCH, "no such process (pid reused or exited)")
+            dev = vip.vi_stat.vst_dev
+            return path, (dev - (1 << 32) if dev >= 1 << 31 else dev, vip.vi_stat.vst_ino)  # st_dev is a signed dev_t
+        if region.pri_size == 0:
+            break
+        address = region.pri_address + region.pri_size
+    raise OSError(errno.ENOENT, f"no executable mapping of {path} in the process: the image cannot be identified")
 
 
 # -- CoreFoundation / Security.framework ------------------------------------
@@ -114,37 +209,44 @@ def pidversion_alive(pid: int, pidversion: int) -> bool:
 def _load_security():
     global _cf, _sec
     if _sec is None:
-        cf = ctypes.CDLL("/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation")
-        sec = ctypes.CDLL("/System/Library/Frameworks/Security.framework/Security")
-        vp, u32, osstatus = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32
-        for name, res, args in [
-            ("CFRelease", None, [vp]),
-            ("CFDataCreate", vp, [vp, ctypes.c_char_p, ctypes.c_long]),
-            ("CFDataGetLength", ctypes.c_long, [vp]),
-            ("CFDataGetBytePtr", vp, [vp]),
-            ("CFStringCreateWithCString", vp, [vp, ctypes.c_char_p, u32]),
-            ("CFStringGetCString", ctypes.c_bool, [vp, ctypes.c_char_p, ctypes.c_long, u32]),
-            ("CFDictionaryCreate", vp, [vp, ctypes.POINTER(vp), ctypes.POINTER(vp), ctypes.c_long, vp, vp]),
-            ("CFDictionaryGetValue", vp, [vp, vp]),
-            ("CFGetTypeID", ctypes.c_ulong, [vp]),
-            ("CFStringGetTypeID", ctypes.c_ulong, []),
-            ("CFDataGetTypeID", ctypes.c_ulong, []),
-        ]:
-            fn = getattr(cf, name)
-            fn.restype, fn.argtypes = res, args
-        for name, args in [
-            ("SecCodeCopyGuestWithAttributes", [vp, vp, u32, ctypes.POINTER(vp)]),
-            ("SecCodeCopySelf", [u32, ctypes.POINTER(vp)]),
-            ("SecRequirementCreateWithString", [vp, u32, ctypes.POINTER(vp)]),
-            ("SecCodeCheckValidity", [vp, u32, vp]),
-            ("SecCodeCopySigningInformation", [vp, u32, ctypes.POINTER(vp)]),
-            ("SecCodeCopyDesignatedRequirement", [vp, u32, ctypes.POINTER(vp)]),
-            ("SecRequirementCopyString", [vp, u32, ctypes.POINTER(vp)]),
-        ]:
-            fn = getattr(sec, name)
-            fn.restype, fn.argtypes = osstatus, args
-        _cf, _sec = cf, sec
+        try:
+            _cf, _sec = _bind_security()
+        except (OSError, AttributeError) as exc:
+            raise FrameworkUnavailable(errno.ENOENT, f"Security.framework unusable: {exc}") from None
     return _cf, _sec
+
+
+def _bind_security():
+    cf = ctypes.CDLL("/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation")
+    sec = ctypes.CDLL("/System/Library/Frameworks/Security.framework/Security")
+    vp, u32, osstatus = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32
+    for name, res, args in [
+        ("CFRelease", None, [vp]),
+        ("CFDataCreate", vp, [vp, ctypes.c_char_p, ctypes.c_long]),
+        ("CFDataGetLength", ctypes.c_long, [vp]),
+        ("CFDataGetBytePtr", vp, [vp]),
+        ("CFStringCreateWithCString", vp, [vp, ctypes.c_char_p, u32]),
+        ("CFStringGetCString", ctypes.c_bool, [vp, ctypes.c_char_p, ctypes.c_long, u32]),
+        ("CFDictionaryCreate", vp, [vp, ctypes.POINTER(vp), ctypes.POINTER(vp), ctypes.c_long, vp, vp]),
+        ("CFDictionaryGetValue", vp, [vp, vp]),
+        ("CFGetTypeID", ctypes.c_ulong, [vp]),
+        ("CFStringGetTypeID", ctypes.c_ulong, []),
+        ("CFDataGetTypeID", ctypes.c_ulong, []),
+    ]:
+        fn = getattr(cf, name)
+        fn.restype, fn.argtypes = res, args
+    for name, args in [
+        ("SecCodeCopyGuestWithAttributes", [vp, vp, u32, ctypes.POINTER(vp)]),
+        ("SecCodeCopySelf", [u32, ctypes.POINTER(vp)]),
+        ("SecRequirementCreateWithString", [vp, u32, ctypes.POINTER(vp)]),
+        ("SecCodeCheckValidity", [vp, u32, vp]),
+        ("SecCodeCopySigningInformation", [vp, u32, ctypes.POINTER(vp)]),
+        ("SecCodeCopyDesignatedRequirement", [vp, u32, ctypes.POINTER(vp)]),
+        ("SecRequirementCopyString", [vp, u32, ctypes.POINTER(vp)]),
+    ]:
+        fn = getattr(sec, name)
+        fn.restype, fn.argtypes = osstatus, args
+    return cf, sec
 
 
 def _const(lib, name: str) -> int:
@@ -203,14 +305,17 @@ def _guest_for_token(words: Sequence[int]) -> int:
     if status != 0 or not code.value:
         if status in (errSecCSNoSuchCode, errSecCSGuestInvalid):
             raise ProcessLookupError(errno.ESRCH, OSSTATUS_TEXT[status])
-        raise OSError(errno.EINVAL, f"SecCodeCopyGuestWithAttributes failed: OSStatus {status}")
+        raise SecError(status, f"SecCodeCopyGuestWithAttributes failed: OSStatus {status}")
     return code.value
 
 
 def check_token(words: Sequence[int], requirement: str) -> tuple[int, str]:
     """Check the running code of the token's process against ``requirement``.
 
-    Returns ``(OSStatus, text)``; 0 means valid and satisfying the requirement.
+    Returns ``(OSStatus, text)``; 0 means valid and satisfying the requirement,
+    anything else is a denial. Raises only FrameworkUnavailable (the caller may
+    then use another check): a Security.framework error is never a reason to
+    fall back to a weaker, path-based check.
     """
     cf, sec = _load_security()
     req = ctypes.c_void_p()
@@ -226,6 +331,8 @@ def check_token(words: Sequence[int], requirement: str) -> tuple[int, str]:
             code = _guest_for_token(words)
         except ProcessLookupError as exc:
             return errSecCSNoSuchCode, str(exc.strerror)
+        except SecError as exc:
+            return exc.status, str(exc.strerror)
         try:
             status = sec.SecCodeCheckValidity(code, kSecCSDefaultFlags, req.value)
         finally:
@@ -235,22 +342,41 @@ def check_token(words: Sequence[int], requirement: str) -> tuple[int, str]:
     return status, OSSTATUS_TEXT.get(status, f"OSStatus {status}") if status else "valid"
 
 
+def _check_valid(code: int) -> None:
+    """SecCodeCheckValidity with no requirement: the running code (dynamic) and
+    its signature on disk (static) must be valid; raises SecError otherwise."""
+    _, sec = _load_security()
+    status = sec.SecCodeCheckValidity(code, kSecCSDefaultFlags, None)
+    if status != 0:
+        raise SecError(status, f"the code is not valid: {OSSTATUS_TEXT.get(status, f'OSStatus {status}')}")
+
+
 def _signing_info(code: int) -> dict:
+    """Identifier, Team ID and cdhash of ``code``, validated.
+
+    SecCodeCopySigningInformation reads a dynamic code's static information from
+    the signature on disk, unvalidated (Apple's documentation of the call), so
+    the code is validated first and again after the read: a signature swapped
+    on disk in between fails the second check (errSecCSStaticCodeChanged).
+    """
     cf, sec = _load_security()
+    _check_valid(code)
     info = ctypes.c_void_p()
     status = sec.SecCodeCopySigningInformation(code, kSecCSSigningInformation, ctypes.byref(info))
     if status != 0:
-        raise OSError(errno.EINVAL, f"SecCodeCopySigningInformation failed: OSStatus {status}")
+        raise SecError(status, f"SecCodeCopySigningInformation failed: OSStatus {status}")
     try:
         get = cf.CFDictionaryGetValue
         cdhash = _pybytes(get(info.value, _const(sec, "kSecCodeInfoUnique")))
-        return {
+        result = {
             "identifier": _pystr(get(info.value, _const(sec, "kSecCodeInfoIdentifier"))),
             "team_id": _pystr(get(info.value, _const(sec, "kSecCodeInfoTeamIdentifier"))),
             "cdhash": cdhash.hex() if cdhash else None,
         }
     finally:
         _release(info.value)
+    _check_valid(code)
+    return result
 
 
 def signing_info_for_token(words: Optional[Sequence[int]]) -> dict:
@@ -269,7 +395,7 @@ def _self_code() -> int:
     code = ctypes.c_void_p()
     status = sec.SecCodeCopySelf(kSecCSDefaultFlags, ctypes.byref(code))
     if status != 0:
-        raise OSError(errno.EINVAL, f"SecCodeCopySelf failed: OSStatus {status}")
+        raise SecError(status, f"SecCodeCopySelf failed: OSStatus {status}")
     return code.value
 
 

@@ -227,9 +227,11 @@ class CodeSignature(Policy):
 
         try:
             status, text = _macos.check_token(peer.audit_token, self.requirement)
-        except (OSError, AttributeError) as exc:  # framework missing or symbol absent
+        except _macos.FrameworkUnavailable as exc:  # framework missing or symbol absent: the only fallback case
             self._unusable = f"Security.framework unusable ({exc}); using codesign"
             return None
+        # Any other Security.framework failure came back as a status: a denial above,
+        # never a fall back to the path-based codesign check (macOS review finding 12).
         if status == 0:
             return Decision.allow(f"pid {peer.pid}'s code satisfies {self.requirement!r}")
         return Decision.deny(f"pid {peer.pid}'s code: {text} (requirement {self.requirement!r})")

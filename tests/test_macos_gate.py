@@ -108,16 +108,31 @@ def test_gate_fails_on_api_newer_than_the_minimum_macos(tmp_path):
     assert "freadlink" in output and "macOS 13.0" in output
 
 
-def test_gate_fails_when_the_sdist_lacks_a_source(tmp_path):
-    """The gate builds from an sdist: a file left out of it fails (review finding 12)."""
+def copy_tree(tmp_path: Path) -> Path:
     root = tmp_path / "tree"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / name, root / name)
+    return root
+
+
+def test_gate_fails_when_the_sdist_lacks_a_source(tmp_path):
+    """The gate builds from an sdist: a file left out of it fails (review finding 12)."""
+    root = copy_tree(tmp_path)
     p = root / "pyproject.toml"
     p.write_text(p.read_text().replace(', "_mach_layout.h"', ""))
     rc, output, report = run_gate(tmp_path, "--root", str(root))
     assert rc == 1, output
     assert "the sdist lacks _mach_layout.h" in output
+
+
+def test_gate_fails_on_a_wrong_ctypes_layout(tmp_path):
+    """policies/_macos.py's ctypes structures are checked against the SDK."""
+    root = copy_tree(tmp_path)
+    p = root / "policies" / "_macos.py"
+    p.write_text(p.read_text().replace('("vst_ino", ctypes.c_uint64)', '("vst_ino", ctypes.c_uint32)'))
+    rc, output, report = run_gate(tmp_path, "--root", str(root), "--targets", "x86_64-macos")
+    assert rc == 1, output
+    assert "ctypes layouts of policies/_macos.py disagree" in output and "vst_ino" in output

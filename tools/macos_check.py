@@ -25,8 +25,10 @@ a file missing from the sdist fails the gate; the C is generated with the
 Cython directives ``setup.py`` uses. Every undefined symbol is checked against
 the libSystem exports listed for *its* architecture in the SDK's tbd
 (``arm64`` accepts ``arm64e`` entries: zig's trimmed tbds list only those).
-Not covered (only a Mac can): the runtime Python headers (these are the host's
-CPython's), the ctypes side (policies/_macos.py, peer.py), and behaviour.
+The ctypes structures of ``policies/_macos.py`` are checked the same way (a
+generated file of ``_Static_assert``\\ s on their sizes and offsets). Not
+covered (only a Mac can): the runtime Python headers (these are the host's
+CPython's), the ctypes function signatures, and behaviour.
 
 Results go to ``.macos-check/`` (``report.json`` + the two ``.so`` files).
 Exit status 0 when every check passes, 1 otherwise, 2 when ziglang cannot be
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import concurrent.futures
 import json
 import os
@@ -255,6 +258,41 @@ def probe_availability(out: Path) -> None:
         raise GateError("an API newer than the deployment target compiled: the minimum-macOS check proves nothing")
 
 
+def probe_ctypes_layouts(out: Path, root: Path, target: str) -> int:
+    """The ctypes structures of policies/_macos.py must match the SDK's (sizes and the
+    offsets of every field read): a C file of _Static_asserts generated from them."""
+    spec = importlib.util.spec_from_file_location("_macos_probe", root / "policies" / "_macos.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # only defines ctypes types; nothing is loaded before first use
+    ct, info, vip = mod.ctypes, mod.ProcRegionWithPathInfo, mod.VnodeInfoPath
+    base = info.prp_vip.offset
+    fields = [(f"prp_prinfo.{f}", getattr(mod.ProcRegionInfo, f)) for f in ("pri_protection", "pri_address", "pri_size")]
+    fields += [(f"prp_vip.vip_vi.vi_stat.{f}", getattr(mod.VinfoStat, f)) for f in ("vst_dev", "vst_ino")]
+    checks = [(f"sizeof(((struct proc_regionwithpathinfo *)0)->{path})", field.size) for path, field in fields]
+    checks += [
+        ("sizeof(struct proc_regionwithpathinfo)", ct.sizeof(info)),
+        ("sizeof(audit_token_t)", ct.sizeof(mod.AuditToken)),
+        ("PROC_PIDREGIONPATHINFO", mod.PROC_PIDREGIONPATHINFO),
+        ("VM_PROT_EXECUTE", mod.VM_PROT_EXECUTE),
+        ("MAXPATHLEN", mod.MAXPATHLEN),
+        ("PROC_PIDPATHINFO_MAXSIZE", mod._PATH_MAX),
+    ] + [(f"offsetof(struct proc_regionwithpathinfo, prp_prinfo.{f})", getattr(mod.ProcRegionInfo, f).offset)
+         for f in ("pri_protection", "pri_address", "pri_size")] + [
+        ("offsetof(struct proc_regionwithpathinfo, prp_vip.vip_vi.vi_stat.vst_dev)", base + vip.vi_stat.offset),
+        ("offsetof(struct proc_regionwithpathinfo, prp_vip.vip_vi.vi_stat.vst_ino)",
+         base + vip.vi_stat.offset + mod.VinfoStat.vst_ino.offset),
+        ("offsetof(struct proc_regionwithpathinfo, prp_vip.vip_path)", base + vip.vip_path.offset),
+    ]
+    probe = out / "ctypes_layout_probe.c"
+    probe.write_text("#include <stddef.h>\n#include <sys/param.h>\n#include <mach/vm_prot.h>\n#include <bsm/audit.h>\n"
+                     "#include <libproc.h>\n#include <sys/proc_info.h>\n"
+                     + "".join(f'_Static_assert({c} == {v}, "policies/_macos.py: {c} == {v}");\n' for c, v in checks))
+    r = run(zig_cc(target, "-c", "-o", str(out / f"ctypes_layout_probe_{target}.o"), str(probe)))
+    if r.returncode != 0:
+        raise GateError(f"{target}: the ctypes layouts of policies/_macos.py disagree with the SDK:\n{_tail(r.stderr)}")
+    return len(checks)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, default=None,
@@ -307,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(system)} libSystem ({', '.join(system)}); {res['seconds']} s")
         probe_static_assert(out, args.src.resolve(), args.targets[0])
         probe_availability(out)
+        for target in args.targets:
+            report["ctypes_asserts"] = probe_ctypes_layouts(out, args.root.resolve(), target)
+        log(f"{report['ctypes_asserts']} layouts of policies/_macos.py's ctypes structures match the SDK")
         log(f"built for macOS {MIN_MACOS} with {' '.join(AVAILABILITY)}; an 11.0 API for 10.15 is rejected")
         report["static_asserts"] = _count_asserts(args.src / "_mach_layout.h")
         log(f"{report['static_asserts']} _Static_asserts on SDK layouts hold; a false one is rejected")
