@@ -149,13 +149,9 @@ class ProcessIdentity:
         cgroup v2 line, relative to the server's own cgroup namespace (see
         :mod:`machipc.cgroup`).
         """
-        f = self._cgroup_file
-        if f is not None and self._cgroup is not None:  # the per-packet path: unchanged?
-            try:
-                if os.pread(f.fd, _READ_MAX, 0) == f.raw:
-                    return self._cgroup[1]
-            except OSError:
-                pass  # read again below, which says why
+        same = self.running_cgroup()  # the per-packet path: unchanged?
+        if same is not None:
+            return same
         raw = self._read_pinned("_cgroup_file", "cgroup")
         if raw is None:
             self._cgroup = None
@@ -167,6 +163,26 @@ class ProcessIdentity:
             if self._cgroup is None:
                 return self._unknown(f"unknown: /proc/{self.pid}/cgroup has neither a name=systemd nor a cgroup v2 line")
         return self._cgroup[1]
+
+    @property
+    def cgroup_snapshot(self) -> Optional[str]:
+        """The cgroup path read so far, without reading (None: nobody has asked yet, or unknown)."""
+        return None if self._cgroup is None else self._cgroup[1]
+
+    def running_cgroup(self) -> Optional[str]:
+        """:attr:`cgroup_snapshot` if the process is still there (one ``pread``), else None.
+
+        None also when nothing was read yet, the process moved, or it exited;
+        the snapshot itself is left as it was (see :meth:`refresh_cgroup`).
+        """
+        f = self._cgroup_file
+        if f is None or self._cgroup is None:
+            return None
+        try:
+            raw = os.pread(f.fd, _READ_MAX, 0)
+        except OSError:
+            return None
+        return self._cgroup[1] if raw == f.raw else None
 
     @property
     def cgroup(self) -> Optional[str]:

@@ -329,18 +329,17 @@ class Server:
         if pidfd == SAME_PEER:
             entry = self._peers[conn.id]
             peer = entry[0]
-            held = peer.exe_snapshot
-            if held is None:  # nobody has looked at the program yet: nothing about it can be stale
-                if self._decisions.volatile:  # a cgroup move, a new label keep pid and pidfd: re-check
-                    entry = self._peers[conn.id] = (peer, self._decisions.decide(peer))
+            # execve() and a cgroup move keep pid, pidfd and the connection. Only what
+            # somebody has read can be stale: one stat / pread each, then only if so.
+            held, held_cgroup = peer.exe_snapshot, peer.cgroup_snapshot
+            now = None if held is None else peer.running_exe_id()
+            now_cgroup = None if held_cgroup is None else peer.running_cgroup()
+            if now == held and now_cgroup == held_cgroup:
+                if self._decisions.volatile:  # e.g. a new label: re-check
+                    entry = self._peers[conn.id] = (peer, self._decisions.decide(peer, now, now_cgroup))
                 return entry
-            now = peer.running_exe_id()  # execve() keeps pid, pidfd and the connection
-            if now == held:
-                if self._decisions.volatile:
-                    entry = self._peers[conn.id] = (peer, self._decisions.decide(peer, now))
-                return entry
-            # Another program (or the process is gone): handlers get a Peer describing it,
-            # messages already handed out keep theirs, and every policy is asked again.
+            # Another program or cgroup (or the process is gone): handlers get a Peer describing
+            # it, messages already handed out keep theirs, and every policy is asked again.
             self._decisions.forget(peer)
             peer = peer.successor()
         else:

@@ -60,17 +60,18 @@ class DecisionCache:
         self._entries: dict[tuple, tuple[Decision, str]] = {}
         self._last_sweep = time.monotonic()
 
-    def decide(self, peer: "Peer", exe_id: Optional[tuple[int, int]] = None) -> Decision:
+    def decide(self, peer: "Peer", exe_id: Optional[tuple[int, int]] = None, cgroup: Optional[str] = None) -> Decision:
         """The policy's decision for ``peer``, from the cache when this process was seen.
 
-        ``exe_id``: the executable identity the caller has just read and found
-        equal to ``peer``'s snapshot (saves reading it a second time).
+        ``exe_id``, ``cgroup``: the executable identity and cgroup path the
+        caller has just read and found equal to ``peer``'s snapshots (saves
+        reading them a second time).
         """
         guard = peer.guard
         if guard is None:  # nothing pins the process: its identity cannot key a cache
             return self._evaluate(peer)
         if self.volatile:
-            now = self._read(peer, exe_id)
+            now = self._read(peer, exe_id, cgroup)
             if now is None:  # gone or unreadable: the policy says why; not cached
                 return self._evaluate(peer)
             key: tuple = (peer.pid, guard, peer.uid, peer.gid, now)
@@ -85,14 +86,16 @@ class DecisionCache:
         self._store(key, decision, peer.guard_kind)
         return decision
 
-    def _read(self, peer: "Peer", exe_id: Optional[tuple[int, int]] = None) -> Optional[tuple]:
+    def _read(self, peer: "Peer", exe_id: Optional[tuple[int, int]] = None, cgroup: Optional[str] = None) -> Optional[tuple]:
         """The attributes the policy looks at, read afresh (None when one cannot be known)."""
-        cgroup = label = None
+        label = None
         if not self.exe_based:
             exe_id = None
         elif exe_id is None and (exe_id := peer.refresh_exe()) is None:
             return None
-        if self.cgroup_based and (cgroup := peer.refresh_cgroup()) is None:
+        if not self.cgroup_based:
+            cgroup = None
+        elif cgroup is None and (cgroup := peer.refresh_cgroup()) is None:
             return None
         if self.label_based and (label := peer.refresh_label()) is None:
             return None

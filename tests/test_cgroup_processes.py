@@ -203,6 +203,8 @@ move("b")
 out["after_move"] = ask()
 move("a")
 out["back"] = ask()
+move("b")
+out["last"] = ask()
 print(json.dumps(out))
 """
 
@@ -215,10 +217,11 @@ def test_delegated_subtree_move_is_redecided_and_cannot_escape(tree, serve, publ
     """
     caplog.set_level(logging.WARNING, "machipc")
     deleg = "/system.slice/test-deleg.service"
-    units = []
+    units, senders = [], []
 
     def handler(msg):
         units.append(msg.sender.unit)
+        senders.append(msg.sender)
         return msg.sender.cgroup.encode()
 
     serve(handler, Cgroup(tree.top + deleg + "/a", tree.top + "/system.slice/test-allowed.service"))
@@ -232,7 +235,12 @@ def test_delegated_subtree_move_is_redecided_and_cannot_escape(tree, serve, publ
     assert out["after_escape"] == tree.top + deleg + "/a"
     assert out["after_move"] == "rejected"  # moved to b on the same connection: re-decided
     assert out["back"] == tree.top + deleg + "/a"
+    assert out["last"] == "rejected"
     assert units == ["test-deleg.service"] * 3
+    # A handler's Peer keeps describing where its message came from: after each move the
+    # server judges a fresh Peer, and the ones already handed out are never updated in place.
+    assert [s.cgroup for s in senders] == [tree.top + deleg + "/a"] * 3
+    assert senders[0] is senders[1] and senders[1] is not senders[2]
     assert f"cgroup '{tree.top}{deleg}/b' is not within" in caplog.text
 
 
