@@ -12,25 +12,21 @@ import re
 
 __all__ = ["printable"]
 
-# C0 controls, DEL, C1 controls, and the Unicode line/paragraph separators;
-# backslash too, so an escaped form cannot be confused with a literal one.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+# C0 controls, DEL, C1 controls, the Unicode line/paragraph separators, and lone
+# surrogates (undecodable bytes of a surrogateescape'd file name). Backslashes
+# stay as they are, so escaping twice (a reason built from escaped parts, escaped again
+# where it is logged) changes nothing.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def _escape(m: re.Match) -> str:
-    c = m.group()
-    if c == "\\":
-        return "\\\\"
-    code = ord(c)
+    code = ord(m.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters, line separators and backslashes escaped (``\\x0a``, ``\\\\``).
+    """``text`` with control characters and line separators escaped (``\\x0a``); idempotent.
 
     Undecodable bytes (``surrogateescape``) come out as ``\\udcXX``.
     """
-    text = _UNSAFE.sub(_escape, text)
-    if not text.isprintable() and any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-        text = "".join(f"\\u{ord(c):04x}" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
-    return text
+    return _UNSAFE.sub(_escape, text)

@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import policies
+from ._printable import printable
 from .client import Client
 from .errors import IPCError
 from .message import Message
@@ -23,7 +24,8 @@ def _describe(msg: Message) -> str:
     s = msg.sender
     kind = "request" if msg.expects_reply else "message"
     # The unit is what a SystemdUnit policy would name (on Linux; '?' elsewhere).
-    return f"{kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {s.exe or '?'} unit {s.unit or '?'}: {bytes(msg.data)!r}"
+    # exe and unit are the sender's to choose (file and cgroup names): shown escaped.
+    return f"{kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {printable(s.exe or '?')} unit {printable(s.unit or '?')}: {bytes(msg.data)!r}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import threading
 from typing import Optional
 
 from . import policies
+from ._printable import printable
 from .message import Message
 from .server import Server
 
@@ -85,8 +86,8 @@ def run(clients: int = 3) -> int:
         s = msg.sender
         kind = "request" if msg.expects_reply else "message"
         print(
-            f"[server] {kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {s.exe}\n"
-            f"         allowed: {msg.decision.reason}\n         data: {bytes(msg.data)!r}",
+            f"[server] {kind} from pid {s.pid} uid {s.uid} gid {s.gid} exe {printable(str(s.exe))}\n"
+            f"         allowed: {printable(msg.decision.reason)}\n         data: {bytes(msg.data)!r}",
             flush=True,
         )
         return b"pong for pid %d" % s.pid

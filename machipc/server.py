@@ -17,6 +17,7 @@ from typing import Callable, Optional, Union
 from . import _backend, activation, connecting
 from .args import int_arg, timeout_arg
 from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
+from ._printable import printable
 from .message import Message
 from .naming import check_socket_owner, service_path
 from .peer import Peer, pidfs_available
@@ -302,14 +303,14 @@ class Server:
         if not decision.allowed:
             if self.enforce:
                 self.stats.rejected += 1
-                self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, decision.reason)
+                self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, printable(decision.reason))
                 if not decision.known:
                     self.stats.unknown += 1
                 if kind == _REQUEST:
                     self._answer_error(conn, request_id, ErrorCode.REJECTED, _rejection_text(peer, decision))
                 return None
             self.stats.would_reject += 1
-            self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, decision.reason)
+            self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, printable(decision.reason))
         if len(payload) > self.max_size:
             self.stats.too_large += 1
             self.rate_log.warning(uid, "too large", "dropped %d-byte message from pid %d uid %d: over max_size %d", len(payload), pid, uid, self.max_size)
