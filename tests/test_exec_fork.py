@@ -119,6 +119,8 @@ def test_forked_childs_first_packet_is_answered_or_counted_never_lost(impl, tmp_
         raw.connect(srv.path)
         raw.send(_packet(Kind.MESSAGE, 0, b"parent"))
         assert srv.receive(timeout=10).sender.pid == os.getpid()
+        raw.settimeout(10)
+        assert wire.HEADER.unpack_from(raw.recv(70000))[2] == Kind.HELLO  # sent at accept, first
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: its first packet, then a request, then it reports the replies
