@@ -81,7 +81,10 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLLIN
         EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
         EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
 

@@ -6,6 +6,7 @@ docstring documents the interface. System calls run with the GIL released; one
 receive buffer per server is reused for every packet.
 """
 
+import functools
 from collections import deque
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
@@ -29,6 +30,7 @@ from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from ._closer import close_later
 from .arena import hello as arena_hello, locate as arena_locate, release_ref as arena_release_ref
+from .outbox import REPLY_QUEUE_BYTES, Outbox
 from .wire import unpack_hello
 from .payload import MAX_PAYLOAD, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
@@ -116,6 +118,29 @@ cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_
     h[7] = <uint8_t>(flags >> 24)
     _put64(h + 8, request_id)
     _put64(h + 16, length)
+
+
+cdef inline void _packet_msg(msghdr *msg, iovec *iov, char *control, const void *header, size_t hlen,
+                             const void *body, size_t blen, int fd) noexcept nogil:
+    """Fill ``msg`` for one packet: ``header`` + ``body`` (``iov``: 2 entries), with ``fd``
+    attached as SCM_RIGHTS when >= 0 (``control``: CMSG_FD_SPACE bytes)."""
+    cdef cmsghdr *c
+    iov[0].iov_base = <void *>header
+    iov[0].iov_len = hlen
+    iov[1].iov_base = <void *>body
+    iov[1].iov_len = blen
+    memset(msg, 0, sizeof(msghdr))
+    msg.msg_iov = iov
+    msg.msg_iovlen = 2
+    if fd >= 0:
+        memset(control, 0, CMSG_FD_SPACE)
+        msg.msg_control = control
+        msg.msg_controllen = CMSG_SPACE(sizeof(int))
+        c = CMSG_FIRSTHDR(msg)
+        c.cmsg_level = SOL_SOCKET
+        c.cmsg_type = SCM_RIGHTS
+        c.cmsg_len = CMSG_LEN(sizeof(int))
+        (<int *>CMSG_DATA(c))[0] = fd
 
 
 cdef int _send_failed(int err, double deadline, object timeout, str what) except -1:
@@ -403,6 +428,7 @@ cdef class Conn:
     cdef public unsigned long long max_payload  # largest memfd payload mapped
     cdef public dict arenas  # the peer's arenas: id -> mapping
     cdef public object peer_limits  # the server's wire.Limits from its HELLO (client side; None until read)
+    cdef public object outbox  # server side: replies waiting for the peer (machipc.outbox)
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -438,24 +464,28 @@ cdef class Conn:
 
     def send(self, int kind, unsigned long long request_id, payload, timeout, int version=WIRE_VERSION):
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full
-        (``version``: the header's, for an ERROR answering another version)."""
+        (``version``: the header's, for an ERROR answering another version).
+
+        Server side, unless ``timeout`` is 0: never waits; a packet the peer's
+        socket has no room for waits in ``outbox`` (may raise UnreadReplies).
+        """
         cdef Py_buffer view
         cdef uint8_t header[HEADER_SIZE]
         cdef iovec iov[2]
         cdef msghdr msg
+        cdef bint queue = self.outbox is not None and timeout != 0
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             _pack_header(header, kind, request_id, view.len, 0, version)
-            iov[0].iov_base = header
-            iov[0].iov_len = HEADER_SIZE
-            iov[1].iov_base = view.buf
-            iov[1].iov_len = view.len
-            memset(&msg, 0, sizeof(msg))
-            msg.msg_iov = iov
-            msg.msg_iovlen = 2
-            self._sendmsg(&msg, timeout, view.len)
+            _packet_msg(&msg, iov, NULL, header, HEADER_SIZE, view.buf, view.len, -1)
+            if not queue:
+                self._sendmsg(&msg, timeout, view.len)
+                return
+            if not self.outbox.waiting and self._send_now(&msg, view.len):
+                return  # the common case: room in the socket, nothing queued before it
         finally:
             PyBuffer_Release(&view)
+        self.outbox.send(self, PyBytes_FromStringAndSize(<char *>header, HEADER_SIZE), payload)
 
     def send_many(self, int kind, list payloads, timeout):
         """Send inline packets in order with as few ``sendmmsg`` calls as possible.
@@ -522,25 +552,43 @@ cdef class Conn:
         cdef iovec iov[2]
         cdef msghdr msg
         cdef char control[CMSG_FD_SPACE]
-        cdef cmsghdr *c
         _pack_header(header, kind, request_id, length, flags)
-        iov[0].iov_base = header
-        iov[0].iov_len = HEADER_SIZE
-        iov[1].iov_base = <char *>body
-        iov[1].iov_len = len(body)
-        memset(&msg, 0, sizeof(msg))
-        msg.msg_iov = iov
-        msg.msg_iovlen = 2
-        if fd >= 0:
-            memset(control, 0, sizeof(control))
-            msg.msg_control = control
-            msg.msg_controllen = CMSG_SPACE(sizeof(int))
-            c = CMSG_FIRSTHDR(&msg)
-            c.cmsg_level = SOL_SOCKET
-            c.cmsg_type = SCM_RIGHTS
-            c.cmsg_len = CMSG_LEN(sizeof(int))
-            (<int *>CMSG_DATA(c))[0] = fd
+        if self.outbox is not None and timeout != 0:
+            self.outbox.send(self, PyBytes_FromStringAndSize(<char *>header, HEADER_SIZE), body, fd, length if fd >= 0 else 0)
+            return
+        _packet_msg(&msg, iov, control, header, HEADER_SIZE, <char *>body, len(body), fd)
         self._sendmsg(&msg, timeout, length)
+
+    def try_send(self, bytes header, body, int fd=-1):
+        """One non-blocking send of a packet (``fd`` attached if >= 0); False when the socket is full."""
+        cdef Py_buffer view
+        cdef iovec iov[2]
+        cdef msghdr msg
+        cdef char control[CMSG_FD_SPACE]
+        PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+        try:
+            _packet_msg(&msg, iov, control, <char *>header, len(header), view.buf, view.len, fd)
+            return self._send_now(&msg, len(header) + view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef bint _send_now(self, msghdr *msg, size_t size) except -1:
+        """One non-blocking sendmsg: True when sent, False when the socket is full."""
+        cdef ssize_t n
+        cdef int err
+        cdef int fd = self._enter()
+        try:
+            while True:
+                with nogil:
+                    n = sendmsg(fd, msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    err = errno if n < 0 else 0
+                if err == 0:
+                    return True
+                if err == EAGAIN:
+                    return False
+                _send_failed(err, -1.0, None, f"send of {size} bytes")  # EINTR: 0, try again
+        finally:
+            self._leave()
 
     cdef int _enter(self) except -1:
         """Claim ``fd`` for a system call made without the GIL; pair with _leave()."""
@@ -818,6 +866,9 @@ cdef class ServerTransport:
     cdef public bint pass_on_accept
     #: Largest memfd payload accepted connections map (Server sets it from max_size).
     cdef public unsigned long long max_payload
+    #: Bytes of replies a connection may leave unread, and seconds one may wait (Server sets them).
+    cdef public object reply_queue_bytes
+    cdef public object reply_max_age
     cdef int listen_fd
     cdef int epfd
     cdef int wakefd
@@ -843,6 +894,8 @@ cdef class ServerTransport:
         self.listener = listener
         self.listen_fd = listener.fileno()
         self.max_payload = MAX_PAYLOAD
+        self.reply_queue_bytes = REPLY_QUEUE_BYTES
+        self.reply_max_age = None
         self.pidfs = pidfs
         self.conns = {}
         self.ready = deque()
@@ -922,7 +975,11 @@ cdef class ServerTransport:
                     self._accept()
                 else:
                     conn = self.conns.get(fd)
-                    if conn is not None and conn not in self.ready:
+                    if conn is None:
+                        continue
+                    if self.events[i].events & EPOLLOUT:
+                        conn.outbox.flush(conn)
+                    if self.events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR) and conn not in self.ready:
                         self.ready.append(conn)
             if (woken or (ms >= 0 and _ms_left(deadline) == 0)) and not self.ready:
                 return None
@@ -951,10 +1008,19 @@ cdef class ServerTransport:
             conn._pin_peer()
             conn.max_payload = self.max_payload
             conn._hello(self.max_payload)
+            conn.outbox = Outbox(self.reply_queue_bytes, self.reply_max_age, functools.partial(self._watch, fd))
             self.conns[fd] = conn
             ev.events = EPOLLIN
             ev.data.fd = fd
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
+
+    def _watch(self, int fd, bint writable):
+        """Watch connection ``fd`` for EPOLLOUT too (while replies wait), or not (any thread)."""
+        cdef epoll_event ev
+        ev.events = EPOLLIN | EPOLLOUT if writable else EPOLLIN
+        ev.data.fd = fd
+        if self.epfd >= 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev)  # ENOENT: dropped meanwhile
 
     cdef _pause_accept(self):
         if self.accept_paused_until == 0:
@@ -978,6 +1044,8 @@ cdef class ServerTransport:
         except ValueError:
             pass
         conn.shutdown()
+        if conn.outbox is not None:
+            conn.outbox.close()
         self._resume_accept()  # a connection went: its fds may soon be free
 
     def disconnect(self, Conn conn):

@@ -57,6 +57,7 @@ from .errors import (
     MessageTooLarge,
     PeerGone,
     ServerClosed,
+    UnreadReplies,
 )
 from .args import DEFAULT, int_arg, timeout_arg
 from .message import Message
@@ -307,13 +308,24 @@ class Server:
     # -- answering
 
     async def reply(self, msg: Message, data=b"") -> None:
-        """``msg.reply(data)`` without blocking the loop when the client's queue is full."""
+        """``msg.reply(data)`` without blocking the loop when the client's queue is full.
+
+        On Linux that is ``msg.reply`` itself: a reply the client has no room
+        for waits in its connection's outbox (machipc.outbox), flushed while
+        the server reads. Raises UnreadReplies when the client is over its bound.
+        """
+        if getattr(msg._conn, "outbox", None) is not None:
+            msg.reply(data)
+            return
         msg._check_answerable()
         await _send(msg._conn, Kind.REPLY, msg.request_id, data, msg._reply_timeout, msg._limit)
         msg._answered = True
 
     async def fail(self, msg: Message, text: str, code: int = ErrorCode.HANDLER_FAILED) -> None:
         """``msg.fail(text)`` without blocking the loop."""
+        if getattr(msg._conn, "outbox", None) is not None:
+            msg.fail(text, code)
+            return
         msg._check_answerable()
         msg._answered = True
         await _send(msg._conn, Kind.ERROR, msg.request_id, pack_error(code, text), msg._reply_timeout)
@@ -328,6 +340,9 @@ class Server:
             if msg.expects_reply and not msg.answered:
                 await self._try(self.fail(msg, "the server is shutting down", ErrorCode.SHUTTING_DOWN))
             raise
+        except UnreadReplies as exc:  # the handler's own reply found the client over its bound
+            self.sync.unread_replies(msg, exc)
+            return
         except Exception as exc:
             stats.handler_errors += 1
             log.exception("handler failed on %r", msg)
@@ -341,14 +356,15 @@ class Server:
                 return
             try:
                 await self.reply(msg, b"" if result is None else result)
+            except UnreadReplies as exc:
+                self.sync.unread_replies(msg, exc)
             except MessageTooLarge as exc:
                 stats.handler_errors += 1
                 log.warning("handler's reply is unsendable: %s", exc)
                 msg._answered = False
                 await self._try(self.fail(msg, str(exc)))
             except Exception as exc:
-                stats.reply_errors += 1
-                log.warning("could not answer request: %s", exc)
+                self.sync.reply_failed(msg, exc)
 
     async def _try(self, answer: Awaitable) -> None:
         try:

@@ -19,6 +19,7 @@ __all__ = [
     "NotPermitted",
     "Rejected",
     "PeerGone",
+    "UnreadReplies",
     "MessageTooLarge",
     "InvalidArgument",
     "ProtocolError",
@@ -58,6 +59,10 @@ class Rejected(NotPermitted):
 
 class PeerGone(IPCError, ConnectionError):
     """The other side closed the connection or exited."""
+
+
+class UnreadReplies(PeerGone):
+    """Server side: a client left more replies unread than its bound; it is disconnected."""
 
 
 class MessageTooLarge(IPCError, ValueError):

@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from . import _backend, activation, connecting
+from . import _backend, activation, connecting, cooldown, outbox
 from .args import int_arg, timeout_arg
-from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, error_from_errno
+from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, UnreadReplies, error_from_errno
 from ._printable import printable
 from .message import Message
 from .naming import check_socket_owner, service_path
@@ -49,6 +49,8 @@ class ServerStats:
     dropped: Counter = field(default_factory=Counter)  #: malformed packets, by Drop name
     handler_errors: int = 0  #: handler raised
     reply_errors: int = 0  #: a reply could not be delivered
+    unread_replies: int = 0  #: clients disconnected for leaving too many replies unread
+    cooled_down: int = 0  #: packets refused because their uid is in a cool-down (repeat offender)
 
     @property
     def dropped_total(self) -> int:
@@ -66,6 +68,17 @@ class Server:
     The socket is connectable by every local user who can reach the runtime
     directory (``mode``, default 0o666): the policy, not the file mode, is the
     gate, so a root daemon can hear every user and decide per sender.
+
+    Replies never make the server wait for a client (machipc.outbox): one the
+    client's socket has no room for waits in a per-connection queue and goes
+    out when the socket is writable. A client may leave at most
+    ``reply_queue_bytes`` unread (queued replies plus memfd payloads in its
+    socket; default the larger of 128 MiB and ``2 * max_size``), and a queued
+    reply waits at most ``reply_timeout`` s; over either, the client is
+    disconnected (``stats.unread_replies``). A uid disconnected so
+    ``offender_strikes`` times within ``offender_cooldown`` s is refused for
+    ``offender_cooldown`` s (``stats.cooled_down``; machipc.cooldown).
+    ``reply_timeout=0`` sends replies now or never (no queue).
     """
 
     def __init__(
@@ -77,6 +90,9 @@ class Server:
         mode: int = 0o666,
         max_size: int = MAX_PAYLOAD,
         reply_timeout: Optional[float] = 5.0,
+        reply_queue_bytes: Optional[int] = None,
+        offender_strikes: int = cooldown.STRIKES,
+        offender_cooldown: float = cooldown.COOLDOWN,
         backlog: int = 128,
         directory: Optional[str] = None,
         impl: Optional[str] = None,
@@ -92,6 +108,10 @@ class Server:
         self.enforce = enforce
         self.max_size = max_size
         self.reply_timeout = reply_timeout
+        if reply_queue_bytes is None:
+            reply_queue_bytes = max(outbox.REPLY_QUEUE_BYTES, 2 * max_size)
+        self.reply_queue_bytes = int_arg(reply_queue_bytes, "reply_queue_bytes")
+        self.offenders = cooldown.Cooldown(int_arg(offender_strikes, "offender_strikes", 1), timeout_arg(offender_cooldown, "offender_cooldown") or 0.0)
         self.stats = ServerStats()
         #: Rejection and drop warnings, at most a few per (uid, reason) every 10 s (machipc.ratelog).
         self.rate_log = RateLimitedLog(log)
@@ -121,6 +141,8 @@ class Server:
         self._listen_fd = listener.fileno()
         self._transport = self._mod.ServerTransport(listener, pidfs_available())
         self._transport.max_payload = max_size
+        self._transport.reply_queue_bytes = reply_queue_bytes
+        self._transport.reply_max_age = reply_timeout
         if self.activated:  # connections queued before _adopt lack the options: set them per accept
             self._transport.pass_on_accept = True
 
@@ -298,6 +320,11 @@ class Server:
                 self._peers.pop(conn.id, None)
             else:
                 self._drop(conn, status, kind, request_id, pid, uid)
+            return None
+        if self.offenders.refused(uid):  # a repeat offender in its cool-down: no service at all
+            self.stats.cooled_down += 1
+            self.rate_log.warning(uid, "cooled down", "disconnected pid %d uid %d: its uid is in a cool-down", pid, uid)
+            _hang_up(conn)
             return None
         peer, decision = self._identify(conn, pid, uid, gid, pidfd)
         if not decision.allowed:
@@ -528,6 +555,9 @@ class Server:
     def _dispatch(self, handler: Handler, msg: Message) -> None:
         try:
             result = handler(msg)
+        except UnreadReplies as exc:  # the handler's own msg.reply() found the client over its bound
+            self.unread_replies(msg, exc)
+            return
         except Exception as exc:
             self.stats.handler_errors += 1
             log.exception("handler failed on %r", msg)
@@ -550,11 +580,29 @@ class Server:
             log.warning("handler's reply is unsendable: %s", exc)
             if msg is not None:
                 self._answer(msg.fail, str(exc))
+        except UnreadReplies as exc:
+            self.unread_replies(getattr(answer, "__self__"), exc)
         except Exception as exc:
-            self.stats.reply_errors += 1
-            log.warning("could not answer request: %s", exc)
+            self.reply_failed(getattr(answer, "__self__", None), exc)
             if isinstance(exc, IPCTimeoutError):
                 _hang_up(getattr(getattr(answer, "__self__", None), "_conn", None))
+
+    def reply_failed(self, msg: Optional[Message], exc: Exception) -> None:
+        """Count a reply that could not be delivered; log it (rate-limited per uid)."""
+        self.stats.reply_errors += 1
+        uid = msg.sender.uid if msg is not None else -1
+        self.rate_log.warning(uid, "reply failed", "could not answer request: %s", exc)
+
+    def unread_replies(self, msg: Message, exc: UnreadReplies) -> None:
+        """Disconnect the client of ``msg``, which left too many replies unread; count a strike on its uid."""
+        self.stats.unread_replies += 1
+        uid = msg.sender.uid
+        refused = self.offenders.strike(uid)
+        self.rate_log.warning(
+            uid, "unread replies", "disconnected pid %d uid %d: %s%s", msg.sender.pid, uid, exc,
+            f"; uid {uid} refused for {self.offenders.cooldown:g} s" if refused else "",
+        )
+        _hang_up(msg._conn)
 
     def _install_signal_handlers(self) -> list:
         if threading.current_thread() is not threading.main_thread():
@@ -653,15 +701,13 @@ def _socket_path(sock: socket.socket) -> str:
 
 
 def _hang_up(conn) -> None:
-    """Disconnect a client that does not read its replies (a reply send timed out).
+    """Disconnect a client (it does not read its replies, or its uid is in a cool-down).
 
-    Otherwise every further request of a client that floods and never reads
-    would block the serve loop for ``reply_timeout``. Only shutdown(): safe from
-    worker threads; the receive loop sees EOF and drops the connection.
+    Only shutdown(): safe from worker threads; the receive loop sees EOF and
+    drops the connection. The caller logs why.
     """
     shutdown = getattr(conn, "shutdown", None)
     if shutdown is not None:
-        log.warning("disconnecting a client that does not read its replies")
         shutdown()
 
 

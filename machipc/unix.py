@@ -33,6 +33,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import itertools
 import os
 import signal
@@ -48,6 +49,7 @@ from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
 from ._closer import close_received
+from .outbox import REPLY_QUEUE_BYTES, Outbox
 from .payload import MAX_PAYLOAD, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 from .wire import (
@@ -128,6 +130,8 @@ class Conn:
         self.arenas: dict = {}  # the peer's arenas: id -> mapping
         #: The server's limits from its HELLO (client side; None until it is read).
         self.peer_limits: Optional[Limits] = None
+        #: Server side: replies waiting for the peer to read (machipc.outbox); None on clients.
+        self.outbox: Optional[Outbox] = None
         # The process that connected, pinned at accept (see the module doc).
         self._peer_pid = 0
         self._peer_pidfd = -1
@@ -136,9 +140,17 @@ class Conn:
 
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float], version: int = VERSION) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full
-        (``version``: the header's, for an ERROR answering another version)."""
+        (``version``: the header's, for an ERROR answering another version).
+
+        Server side, unless ``timeout`` is 0: never waits; a packet the peer's
+        socket has no room for waits in ``outbox`` (may raise UnreadReplies).
+        """
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
-        self._sendmsg([pack_header(kind, request_id, size, 0, version), payload], [], timeout)
+        header = pack_header(kind, request_id, size, 0, version)
+        if self.outbox is not None and timeout != 0:
+            self.outbox.send(self, header, payload)
+            return
+        self._sendmsg([header, payload], [], timeout)
 
     def send_many(self, kind: int, payloads: list, timeout: Optional[float]) -> None:
         """Send inline packets in order (the Cython twin batches them with sendmmsg)."""
@@ -159,8 +171,27 @@ class Conn:
         """Send a header for an out-of-band payload of ``length`` bytes, with ``body``
         and, when ``fd`` >= 0, the fd attached (a sealed memfd, or a new arena)."""
         header = pack_header(kind, request_id, length, flags)
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
-        self._sendmsg([header, body], rights, timeout)
+        if self.outbox is not None and timeout != 0:
+            self.outbox.send(self, header, body, fd, length if fd >= 0 else 0)
+            return
+        self._sendmsg([header, body], _rights(fd), timeout)
+
+    def try_send(self, header: bytes, body, fd: int = -1) -> bool:
+        """One non-blocking send of a packet (``fd`` attached if >= 0); False when the socket is full."""
+        self._enter()
+        try:
+            self.sock.sendmsg([header, body], _rights(fd))
+            return True
+        except BlockingIOError:
+            return False
+        except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
+            raise PeerGone(f"send: the peer closed the connection ({exc.strerror})") from None
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise PeerGone("send: the connection is closed") from None
+            raise error_from_errno(exc.errno, "send") from None
+        finally:
+            self._leave()
 
     def _enter(self) -> None:
         """Claim the socket for a call that may block; pair with _leave() (see close())."""
@@ -414,8 +445,16 @@ class Conn:
         self.sock.close()
 
 
+def _rights(fd: int) -> list:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
+
+
 class ServerTransport:
-    """Accepts connections and returns the next packet from any of them."""
+    """Accepts connections and returns the next packet from any of them.
+
+    Replies a client has no room for wait in its connection's ``outbox`` and
+    are sent from ``recv`` when its socket turns writable (machipc.outbox).
+    """
 
     #: Set for an adopted (socket-activated) listener: turn SO_PASSCRED on
     #: each accepted socket too (connections queued before the listener had them lack them).
@@ -427,8 +466,12 @@ class ServerTransport:
         self._pidfs = pidfs
         #: Largest memfd payload accepted connections map (Server sets it from max_size).
         self.max_payload = MAX_PAYLOAD
+        #: Bytes of replies a connection may leave unread, and seconds one may wait (Server sets them).
+        self.reply_queue_bytes = REPLY_QUEUE_BYTES
+        self.reply_max_age: Optional[float] = None
         self._accept_paused_until = 0.0  # out of fds: the listener is off epoll until then
         self._ep = select.epoll()
+        self._readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # (Linux-only names)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(listener.fileno(), select.EPOLLIN)
         self._ep.register(self._wake_r, select.EPOLLIN)
@@ -476,7 +519,7 @@ class ServerTransport:
             except InterruptedError:
                 events = []
             woken = False
-            for fd, _ in events:
+            for fd, mask in events:
                 if fd == self._wake_r:
                     try:
                         os.read(self._wake_r, 512)
@@ -487,7 +530,11 @@ class ServerTransport:
                     self._accept()
                 else:
                     conn = self._conns.get(fd)
-                    if conn is not None and conn not in self._ready:
+                    if conn is None:
+                        continue
+                    if mask & select.EPOLLOUT:
+                        conn.outbox.flush(conn)
+                    if mask & self._readable and conn not in self._ready:
                         self._ready.append(conn)
             if woken or (left is not None and remaining(deadline) == 0.0):
                 if not self._ready:
@@ -514,8 +561,16 @@ class ServerTransport:
             conn._pin_peer()
             conn.max_payload = self.max_payload
             conn._hello(self.max_payload)
+            conn.outbox = Outbox(self.reply_queue_bytes, self.reply_max_age, functools.partial(self._watch, conn.fd))
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, select.EPOLLIN)
+
+    def _watch(self, fd: int, writable: bool) -> None:
+        """Watch connection ``fd`` for EPOLLOUT too (while replies wait), or not (any thread)."""
+        try:
+            self._ep.modify(fd, select.EPOLLIN | select.EPOLLOUT if writable else select.EPOLLIN)
+        except (OSError, ValueError):
+            pass  # dropped meanwhile, or the transport is closed
 
     def _pause_accept(self) -> None:
         if not self._accept_paused_until:
@@ -535,6 +590,8 @@ class ServerTransport:
         except ValueError:
             pass
         conn.shutdown()
+        if conn.outbox is not None:
+            conn.outbox.close()
         self._resume_accept()  # a connection went: its fds may soon be free
 
     def disconnect(self, conn: Conn) -> None:

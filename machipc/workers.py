@@ -11,7 +11,10 @@ waits) and hands each allowed message to one of N handler threads:
 
 Queues are bounded: when they are full ``submit`` blocks, the serving thread
 stops reading, the kernel's socket buffers fill and clients wait in ``send``
-(backpressure instead of unbounded memory).
+(backpressure instead of unbounded memory). A worker never waits for a
+client to read its reply: one the client has no room for waits in that
+connection's bounded outbox (machipc.outbox), so clients that never read
+cannot take the workers away from the others.
 """
 
 from __future__ import annotations
