@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import select
 import signal
@@ -39,6 +38,7 @@ import struct
 import sys
 from typing import Optional, Sequence, Union
 
+from . import digest
 from .errors import PeerGone, error_from_errno
 from .procident import UNKNOWN_GONE, ProcessIdentity
 
@@ -204,29 +204,6 @@ def process_alive(pid: int, guard: Optional[int], guard_kind: str) -> bool:
 
         return _macos.pidversion_alive(pid, guard)
     return False
-
-
-# Hashes of executables already read, keyed by what changes when a file is
-# rewritten: (dev, ino, size, mtime_ns, ctime_ns). Bounded; cleared when full.
-_SHA_CACHE: dict[tuple, str] = {}
-_SHA_CACHE_MAX = 256
-
-
-def _sha256_fd(fd: int, st: os.stat_result) -> str:
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    digest = _SHA_CACHE.get(key)
-    if digest is None:
-        h = hashlib.sha256()
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-        digest = h.hexdigest()
-        if len(_SHA_CACHE) >= _SHA_CACHE_MAX:
-            _SHA_CACHE.clear()
-        _SHA_CACHE[key] = digest
-    return digest
 
 
 class Peer(ProcessIdentity):
@@ -506,12 +483,17 @@ class Peer(ProcessIdentity):
 
     @property
     def exe_sha256(self) -> Optional[str]:
-        """SHA-256 (hex) of the very file the process runs, or None.
+        """SHA-256 (hex) of the very file the process runs, or None (``exe_digest()`` with its defaults)."""
+        return self.exe_digest()
+
+    def exe_digest(self, max_bytes: int = digest.MAX_HASH_BYTES, sizes: Optional[frozenset] = None) -> Optional[str]:
+        """SHA-256 (hex) of the very file the process runs, or None (``unknown_reason`` says why).
 
         Linux: ``/proc/<pid>/exe`` is opened for reading (the inode the process
         executes, even if its path was replaced), checked to be the same inode
         as ``exe_id``, and trusted only if the process is still alive after the
-        open. Needs read permission on the file.
+        open. Needs read permission on the file. Files over ``max_bytes``, or
+        of a size not in ``sizes`` (when given), are not read (machipc.digest).
         """
         if self._sha256 is not None:
             return self._sha256
@@ -538,7 +520,11 @@ class Peer(ProcessIdentity):
                 return self._unknown(UNKNOWN_GONE)
             if not stat.S_ISREG(st.st_mode):
                 return self._unknown("the sender's executable is not a regular file")
-            self._sha256 = _sha256_fd(fd, st)
+            self._sha256 = digest.sha256_of_fd(fd, st, max_bytes, sizes)
+        except (digest.TooLarge, digest.SizeMismatch) as exc:
+            return self._unknown(f"the sender's executable was not hashed: {exc}")
+        except OSError as exc:
+            return self._unknown(f"cannot hash the sender's executable: {exc.strerror or exc}")
         finally:
             os.close(fd)
         return self._sha256

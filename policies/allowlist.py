@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from machipc._printable import printable
+from machipc.digest import MAX_HASH_BYTES
 
 from .base import Decision, Policy
 from .code_signature import CodeSignature, build_requirement
@@ -50,7 +53,13 @@ class Allowlist(Policy):
     * ``executables``: exact executable paths (resolved here, once); the running
       file must be the file the path names in the server's mount namespace
       (same ``st_dev``/``st_ino``);
-    * ``sha256``: SHA-256 digests (hex) of the executable file the process runs;
+    * ``sha256``: SHA-256 digests (hex) of the executable file the process runs,
+      as a list, or as a mapping ``{digest: size in bytes}`` (see
+      :meth:`for_files`): then a sender whose file has none of those sizes is
+      refused without reading it. Files over ``max_hash_bytes`` (default
+      64 MiB, ``machipc.digest.MAX_HASH_BYTES``) are never read: such a sender
+      is refused as unknown, so hashing a sender costs the server at most that
+      much reading (once per file version; see machipc.digest);
     * ``team_ids`` (with optional ``identifiers``): macOS Developer ID code of
       one of these teams, checked as a code requirement against the audit token
       (see :class:`CodeSignature`); identifiers without a team are refused.
@@ -69,9 +78,10 @@ class Allowlist(Policy):
         uids: Optional[Iterable[int]] = None,
         gids: Optional[Iterable[int]] = None,
         executables: Optional[Iterable[str]] = None,
-        sha256: Optional[Iterable[str]] = None,
+        sha256: "Optional[Iterable[str] | Mapping[str, int]]" = None,
         team_ids: Optional[Iterable[str]] = None,
         identifiers: Optional[Iterable[str]] = None,
+        max_hash_bytes: int = MAX_HASH_BYTES,
     ) -> None:
         self.uids = _ints("uids", uids)
         self.gids = _ints("gids", gids)
@@ -88,6 +98,13 @@ class Allowlist(Policy):
                 if not _SHA256.match(d):
                     raise ValueError(f"sha256 entries are 64 hex digits, not {d!r}")
         self.sha256 = None if digests is None else frozenset(digests)
+        #: Sizes of the allowed files (None: not known); only files of these sizes are hashed.
+        self.sha256_sizes: Optional[frozenset[int]] = None
+        if isinstance(sha256, Mapping):
+            self.sha256_sizes = _ints("sha256 sizes", sha256.values())
+        if max_hash_bytes < 0:
+            raise ValueError(f"max_hash_bytes must be >= 0, not {max_hash_bytes}")
+        self.max_hash_bytes = max_hash_bytes
         self.team_ids = _strs("team_ids", team_ids)
         self.identifiers = _strs("identifiers", identifiers)
         if self.identifiers is not None and self.team_ids is None:
@@ -112,6 +129,22 @@ class Allowlist(Policy):
         self._given = given
         self.uses_exe = any(k in given for k in ("executables", "sha256", "team_ids", "identifiers"))
 
+    @classmethod
+    def for_files(cls, paths: Iterable[str], **kwargs) -> "Allowlist":
+        """Allow processes running a file with the same content as one of ``paths`` (read now).
+
+        ``Allowlist(sha256={digest: size, ...})`` for those files, so senders of
+        any other size are refused unread; ``kwargs`` go to the constructor.
+        """
+        sizes = {}
+        for path in _strs("paths", paths) or ():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                sizes[h.hexdigest()] = f.tell()
+        return cls(sha256=sizes, **kwargs)
+
     def check(self, peer: "Peer") -> Decision:
         reasons = []
         if self.uids is not None:
@@ -133,7 +166,7 @@ class Allowlist(Policy):
                 return Decision.deny(mismatch)
             reasons.append(f"executable {printable(exe)} allowed")
         if self.sha256 is not None:
-            digest = peer.exe_sha256
+            digest = peer.exe_digest(self.max_hash_bytes, self.sha256_sizes)
             if digest is None:
                 return Decision.unknown(f"pid {peer.pid}: {peer.unknown_reason}; its digest is not known to be allowed")
             if digest not in self.sha256:
