@@ -163,6 +163,7 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._recv_lock = threading.Lock()
         self._dead: Optional[IPCError] = None
+        self._closed = False  # close() was called
 
     def _connect(self, directory: Optional[str], connect_timeout: Optional[float]) -> socket.socket:
         """Connect to the first live socket for the name (see machipc.naming for the order)."""
@@ -245,7 +246,10 @@ class Client:
     def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
         """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
         self._check(data)
-        payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size, self._arenas)
+        try:
+            payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size, self._arenas)
+        except PeerGone as exc:
+            raise self._gone(exc) from None
 
     def send_many(self, messages: Iterable[Buffer], timeout: Optional[float] = _DEFAULT) -> int:  # type: ignore[assignment]
         """Send one-way messages in order, small ones batched (``sendmmsg``); returns the count.
@@ -268,17 +272,20 @@ class Client:
             batch.clear()
             return n
 
-        for data in messages:
-            self._check(data)
-            if isinstance(data, payload.LoanBuffer) or payload.size_of(data) > INLINE_MAX:
-                sent += flush()
-                payload.send(self._conn, Kind.MESSAGE, 0, data, timeout, self.max_size, self._arenas)
-                sent += 1
-            else:
-                batch.append(data)
-                if len(batch) == _BATCH:
+        try:
+            for data in messages:
+                self._check(data)
+                if isinstance(data, payload.LoanBuffer) or payload.size_of(data) > INLINE_MAX:
                     sent += flush()
-        return sent + flush()
+                    payload.send(self._conn, Kind.MESSAGE, 0, data, timeout, self.max_size, self._arenas)
+                    sent += 1
+                else:
+                    batch.append(data)
+                    if len(batch) == _BATCH:
+                        sent += flush()
+            return sent + flush()
+        except PeerGone as exc:
+            raise self._gone(exc) from None
 
     def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> Reply:  # type: ignore[assignment]
         """Send a request and return the reply's payload.
@@ -302,6 +309,8 @@ class Client:
         try:
             payload.send(self._conn, Kind.REQUEST, rid, data, timeout, self.max_size, self._arenas)
             self._wait(slot, deadline, timeout)
+        except PeerGone as exc:
+            raise self._gone(exc) from None
         finally:
             self._pending.pop(rid, None)
         if slot.error is not None:
@@ -321,6 +330,8 @@ class Client:
                 finally:
                     self._recv_lock.release()
                     self._wake_followers()
+                    if self._closed:  # close() came while we were reading: release the socket now
+                        self._release()
                 return
             if slot.event is None:
                 slot.event = threading.Event()
@@ -340,9 +351,10 @@ class Client:
     def _deliver(self, got: tuple) -> None:
         rid, result, error = decode_reply(self.name, got, self.server_policy)
         if rid < 0:  # the connection ended: every waiting request fails
-            self._dead = error
+            if not self._closed:  # else our own close() ended it, and _dead says so
+                self._dead = error
             for pending in list(self._pending.values()):
-                pending.finish(None, PeerGone(*error.args))
+                pending.finish(None, PeerGone(*self._dead.args))
             return
         slot = self._pending.get(rid)
         if slot is None:
@@ -351,20 +363,36 @@ class Client:
         slot.finish(result, error)
 
     def close(self) -> None:
-        """Disconnect (idempotent). Requests still waiting get PeerGone."""
+        """Disconnect and release the socket (idempotent; safe from any thread).
+
+        Calls blocked in other threads (``request``, ``send`` into a full queue)
+        and every later call raise PeerGone saying the client was closed.
+        """
+        self._closed = True
         if self._dead is None:
-            self._dead = PeerGone("the client was closed")
-        conn = self._conn
-        conn.shutdown()  # wakes any thread blocked on it (they see EOF or PeerGone)
-        if self._recv_lock.acquire(blocking=False):  # no leader inside recv (the Mach port set)
-            try:
-                conn.close()  # Linux: the fd goes once no thread is inside a call on it
-            finally:
-                self._recv_lock.release()
+            self._dead = PeerGone(f"the client was closed (service {self.name!r})")
+        self._conn.shutdown()  # wakes any thread blocked on it (they see EOF or PeerGone)
+        self._release()
         if self.server_peer is not None:
             self.server_peer.close()  # its pidfd
         if self._arenas is not None:
             self._arenas.close()
+
+    def _release(self) -> None:
+        """Close the connection unless a thread is reading (that one calls this on its way out).
+
+        (The Mach port set must not go while a thread waits on it; on Linux the
+        fd itself closes once no thread is inside a call on it.)
+        """
+        if self._recv_lock.acquire(blocking=False):
+            try:
+                self._conn.close()
+            finally:
+                self._recv_lock.release()
+
+    def _gone(self, exc: PeerGone) -> PeerGone:
+        """What a call that saw ``exc`` raises: "the client was closed" when it was."""
+        return PeerGone(*self._dead.args) if self._closed and self._dead is not None else exc
 
     def __enter__(self) -> "Client":
         return self
