@@ -132,15 +132,32 @@ def check_listener(sock: socket.socket) -> None:
         raise InvalidArgument(f"fd {sock.fileno()} is not listening (Accept=yes is not supported: use Accept=no)")
 
 
+def _listener_of(fd: int) -> socket.socket:
+    """A socket object for inherited ``fd`` if it is a listening SEQPACKET socket;
+    raises InvalidArgument (leaving ``fd`` open) when it is anything else."""
+    try:
+        sock = socket.socket(fileno=fd)  # asks the kernel for family and type: fails on a non-socket
+    except OSError as exc:
+        raise InvalidArgument(f"fd {fd} is not a socket ({exc.strerror}): use ListenSequentialPacket= in the .socket unit") from None
+    try:
+        check_listener(sock)
+    except InvalidArgument:
+        sock.detach()  # not ours: leave the fd as it was
+        raise
+    return sock
+
+
 def take_listener(name: Optional[str] = None, *, required: bool = False) -> Optional[socket.socket]:
     """Claim the inherited listening socket for service ``name``.
 
     Picks the fd named ``name`` (or ``name.socket``) in ``LISTEN_FDNAMES``, else
     the only inherited fd. Returns None when there is none to take (raises
     IPCError instead with ``required=True``). An fd chosen by name that is not a
-    listening SEQPACKET socket is an error; the only, unnamed fd that is not
+    listening SEQPACKET socket (not a socket at all, a TCP or stream socket,
+    not listening) raises InvalidArgument; the only, unnamed fd that is not
     one is left alone (it may belong to another part of the program) unless
-    ``required``.
+    ``required``. Either way such an fd stays open. Malformed variables
+    (non-numeric, negative, another pid) count as no activation.
     """
     fds = listen_fds()
     fd = _pick(fds, name)
@@ -153,16 +170,13 @@ def take_listener(name: Optional[str] = None, *, required: bool = False) -> Opti
             )
         return None
     by_name = name is not None and fds[fd] in (name, name + ".socket")
-    sock = socket.socket(fileno=fd)
     try:
-        check_listener(sock)
+        sock = _listener_of(fd)
     except InvalidArgument:
         if by_name or required:
-            sock.close()
             with _lock:
                 _inherited.pop(fd, None)
             raise
-        sock.detach()
         log.info("socket activation: fd %d (%s) is not a SEQPACKET listener; not taking it", fd, fds[fd])
         return None
     with _lock:

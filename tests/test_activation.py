@@ -303,3 +303,74 @@ def test_client_unit_file(tmp_path, capsys):
     from machipc.policies import SystemdUnit, loads
 
     assert loads('[policy]\nsystemd_unit = "backup.service"\n').names == SystemdUnit("backup.service").names
+
+
+# -- malformed activation environments -----------------------------------------
+# Each case sets up fds 3.. and the variables in a fresh process, then tries
+# Server(name) and Server.from_systemd(name). "bound": the variables were ignored
+# or the fd left alone and the server bound its own socket; "adopted": it took fd 3.
+
+MALFORMED_SETUP = {
+    "pipe_unnamed": "r, w = os.pipe(); os.dup2(r, 3); env(1)",
+    "pipe_named": "r, w = os.pipe(); os.dup2(r, 3); env(1, names='org.test.act')",
+    "fds_not_a_number": "env('x')",
+    "fds_negative": "env(-1)",
+    "fds_zero": "env(0)",
+    "pid_not_a_number": "place([listener(D + '/l')]); os.environ['LISTEN_PID'] = 'abc'",
+    "pid_empty": "place([listener(D + '/l')]); os.environ['LISTEN_PID'] = ''",
+    "pid_other": "place([listener(D + '/l')], pid=1)",
+    "fd_closed": "os.closerange(3, 10); env(1)",
+    "second_fd_closed": "place([listener(D + '/l')]); os.closerange(4, 10); os.environ['LISTEN_FDS'] = '2'",
+    "tcp_listener": "t = socket.socket(); t.bind(('127.0.0.1', 0)); t.listen(); place([t])",
+    "stream_listener": "place([listener(D + '/l', socket.SOCK_STREAM)])",
+    "not_listening": "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.bind(D + '/l'); place([s])",
+    "names_miscounted": "place([listener(D + '/l')], names=['a', 'b'])",
+}
+MALFORMED_EXPECTED = {  # (Server(name), Server.from_systemd(name))
+    "pipe_unnamed": ("bound", "InvalidArgument"),
+    "pipe_named": ("InvalidArgument", "InvalidArgument"),
+    "fds_not_a_number": ("bound", "IPCError"),
+    "fds_negative": ("bound", "IPCError"),
+    "fds_zero": ("bound", "IPCError"),
+    "pid_not_a_number": ("bound", "IPCError"),
+    "pid_empty": ("bound", "IPCError"),
+    "pid_other": ("bound", "IPCError"),
+    "fd_closed": ("bound", "IPCError"),
+    "second_fd_closed": ("adopted", "adopted"),
+    "tcp_listener": ("bound", "InvalidArgument"),
+    "stream_listener": ("bound", "InvalidArgument"),
+    "not_listening": ("bound", "InvalidArgument"),
+    "names_miscounted": ("adopted", "adopted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_SETUP))
+def test_malformed_activation_environment(case, sockdir):
+    body = f"""
+    def env(count, names=None):
+        os.environ["LISTEN_PID"] = str(os.getpid())
+        os.environ["LISTEN_FDS"] = str(count)
+        if names:
+            os.environ["LISTEN_FDNAMES"] = names
+
+    outcomes = []
+    for make in (lambda: machipc.Server("org.test.act", directory=D), lambda: machipc.Server.from_systemd("org.test.act")):
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(key, None)
+        activation._inherited = None
+        {MALFORMED_SETUP[case]}
+        try:
+            srv = make()
+        except machipc.IPCError as exc:
+            outcomes.append(type(exc).__name__)
+        else:
+            outcomes.append("adopted" if srv.activated else "bound")
+            srv.close()
+        for key in ("l",):
+            try:
+                os.unlink(os.path.join(D, key))
+            except FileNotFoundError:
+                pass
+    print(" ".join(outcomes))
+    """
+    assert tuple(run_child(body, "py", sockdir).split()) == MALFORMED_EXPECTED[case]
