@@ -602,6 +602,11 @@ def peer_of(sock: Union[socket.socket, int]) -> Peer:
     ``LOCAL_PEERCRED`` + ``LOCAL_PEERPID`` only when the token is unavailable.
 
     Linux also records ``SO_PEERSEC`` as ``peer.socket_label`` (where an LSM gives one).
+
+    A peer in a pid namespace the caller cannot see (Linux reports pid 0, e.g.
+    a server on the host seen from inside a container) gives a Peer with pid
+    0, the kernel's uid/gid (as mapped into the caller's user namespace) and
+    ``pin_problem`` set: nothing can be read about its process.
     """
     fd = sock if isinstance(sock, int) else sock.fileno()
     s = socket.socket(fileno=fd) if isinstance(sock, int) else sock

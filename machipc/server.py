@@ -359,6 +359,11 @@ class Server:
             peer = entry[0]
             # execve() and a cgroup move keep pid, pidfd and the connection. Only what
             # somebody has read can be stale: one stat / pread each, then only if so.
+            # (The slots are read directly: properties cost more than the rest of this path.)
+            if peer._exe_id is None and peer._cgroup is None:
+                if self._decisions.volatile:  # e.g. a new label: re-check
+                    entry = self._peers[conn.id] = (peer, self._decisions.decide(peer))
+                return entry
             held, held_cgroup = peer.exe_snapshot, peer.cgroup_snapshot
             now = None if held is None else peer.running_exe_id()
             now_cgroup = None if held_cgroup is None else peer.running_cgroup()
