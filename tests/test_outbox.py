@@ -20,6 +20,8 @@ import pytest
 import machipc
 from machipc import aio, wire
 from machipc.cooldown import Cooldown
+from machipc.errors import UnreadReplies
+from machipc.outbox import ENTRY_COST, Outbox
 
 from conftest import wait_for
 
@@ -91,7 +93,9 @@ def test_non_readers_do_not_delay_others(impl, sockdir, workers):
     os.chmod(sockdir, 0o755)
     policy = machipc.policies.Allowlist(uids={os.geteuid(), 65534})
     # reply_timeout=5: before the outbox each unread reply held the serve loop (or a worker) that long.
-    srv = machipc.Server("org.test.outbox", policy, directory=sockdir, impl=impl, reply_timeout=5.0)
+    # A small bound so every non-reader goes over it (and collects strikes) within seconds even
+    # on a loaded machine; the bound's value is not what this test is about.
+    srv = machipc.Server("org.test.outbox", policy, directory=sockdir, impl=impl, reply_timeout=5.0, reply_queue_bytes=4 << 20)
     thread = threading.Thread(target=srv.serve, args=(lambda m: REPLY,), kwargs={"workers": workers}, daemon=True)
     thread.start()
     try:
@@ -116,7 +120,7 @@ def test_non_readers_do_not_delay_others_aio(impl, sockdir):
     box = {}
 
     async def run_server() -> None:
-        async with aio.Server("org.test.outbox", policy, directory=sockdir, impl=impl, reply_timeout=5.0) as srv:
+        async with aio.Server("org.test.outbox", policy, directory=sockdir, impl=impl, reply_timeout=5.0, reply_queue_bytes=4 << 20) as srv:
             box["srv"], box["loop"] = srv, asyncio.get_running_loop()
             ready.set()
             await srv.serve(lambda m: REPLY, signals=False)
@@ -212,3 +216,85 @@ def test_cooldown_counts_strikes_per_uid():
     assert cd.refused(1000) and not cd.refused(1001)
     now[0] = 122.0
     assert not cd.refused(1000)
+
+
+class FakeConn:
+    """A connection whose socket is full while ``full`` is set; records what was sent."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.full = False
+        self.sent: list = []
+
+    def try_send(self, header: bytes, body, fd: int = -1) -> bool:
+        if self.full:
+            return False
+        self.sent.append(bytes(header) + bytes(body))
+        return True
+
+
+def test_outbox_queues_while_full_and_flushes_in_order():
+    watched = []
+    box = Outbox(10_000, None, watched.append)
+    conn = FakeConn()
+    box.send(conn, b"h", b"0")
+    conn.full = True
+    box.send(conn, b"h", b"1")
+    box.send(conn, b"h", b"2")
+    conn.full = False
+    box.send(conn, b"h", b"3")  # behind the queued ones, not around them
+    assert conn.sent == [b"h0"] and box.waiting == 3 and watched == [True]
+    box.flush(conn)
+    assert conn.sent == [b"h0", b"h1", b"h2", b"h3"] and box.waiting == 0 and box.queued == 0
+    assert watched == [True, False]
+
+
+def test_outbox_bound_and_age_disconnect():
+    box = Outbox(3 * (ENTRY_COST + 2), None, lambda on: None)
+    conn = FakeConn()
+    conn.full = True
+    for _ in range(3):
+        box.send(conn, b"h", b"x")
+    with pytest.raises(UnreadReplies):
+        box.send(conn, b"h", b"x")
+    assert box.waiting == 0 and box.closed  # what waited is freed at once
+    with pytest.raises(machipc.PeerGone):
+        box.send(conn, b"h", b"x")
+    aged = Outbox(1 << 20, 0.05, lambda on: None)
+    aged.send(conn, b"h", b"x")
+    time.sleep(0.1)
+    with pytest.raises(UnreadReplies, match="waited over"):
+        aged.send(conn, b"h", b"x")
+
+
+def test_outbox_counts_memfd_payloads_left_unread(tmp_path):
+    """Memfd replies the peer has not read count against the bound (SIOCOUTQ on a real socket)."""
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+
+    class Conn(FakeConn):
+        def try_send(self, header, body, fd=-1):
+            a.sendmsg([header, body])
+            return True
+
+    box = Outbox(100 << 20, None, lambda on: None)
+    conn = Conn()
+    conn.fd = a.fileno()
+    box.send(conn, b"h", b"", 3, 40 << 20)
+    box.send(conn, b"h", b"", 3, 40 << 20)
+    with pytest.raises(UnreadReplies):
+        box.send(conn, b"h", b"", 3, 40 << 20)  # 120 MiB unread
+    box = Outbox(100 << 20, None, lambda on: None)
+    box.send(conn, b"h", b"", 3, 40 << 20)
+    while True:  # the peer reads everything: the memfd bytes no longer count
+        try:
+            b.recv(64, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    box.send(conn, b"h", b"", 3, 40 << 20)
+    box.send(conn, b"h", b"", 3, 40 << 20)
+    assert box.in_flight == 80 << 20
+    a.close()
+    b.close()
