@@ -4,8 +4,10 @@ The kernel gives a process's label in ``/proc/PID/attr/current``
 (``proc_pid_attr_read`` -> ``security_getprocattr``; ``EINVAL`` when no LSM
 provides one) and a socket peer's label as of ``connect()`` with
 ``getsockopt(SO_PEERSEC)`` (``ENOPROTOOPT`` without such an LSM). A process
-cannot choose its label: the LSM policy assigns it (on exec, or through
-transitions the policy allows), so a label is a boundary set by the admin.
+gets a label only as the LSM policy allows (SELinux: transitions, usually on
+exec of an entrypoint; Smack: ``CAP_MAC_ADMIN``), but AppArmor lets an
+unconfined process enter any loaded profile, so what a label proves depends
+on the LSM and its policy (docs/policies.md).
 
 Labels look like ``system_u:system_r:backup_t:s0`` (SELinux),
 ``/usr/bin/backup (enforce)`` or ``unconfined`` (AppArmor; the mode is part
