@@ -22,7 +22,12 @@ install: $(STAMP)
 demo: install
 	$(VPY) -m machipc demo
 
-test: install macos-check
+# The independent C client of docs/protocol.md (tests/test_conformance.py runs it).
+tests/c/bin/client: tests/c/client.c
+	mkdir -p tests/c/bin
+	$(CC) -O2 -Wall -Wextra -o $@ tests/c/client.c
+
+test: install macos-check tests/c/bin/client
 	$(VPY) -m pytest tests
 	MACHIPC_PURE_PYTHON=1 $(VPY) -m pytest -q tests/test_backend.py
 

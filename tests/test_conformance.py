@@ -10,11 +10,14 @@ stored in the sender's arena.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import mmap
 import os
+import shutil
 import socket
 import struct
+import subprocess
 
 import pytest
 
@@ -287,3 +290,106 @@ def test_a_rejected_sender_gets_rejected_and_nothing_else(serve):
     assert (kind, rid, wire.unpack_error(payload)[0]) == (Kind.ERROR, 5, ErrorCode.REJECTED)
     assert wait_for(lambda: srv.stats.rejected == 2)
     conn.close()
+
+
+# -- the sealing recipe's pitfall (spec §5.2 step 3) ------------------------------------
+
+
+def test_f_seal_write_fails_while_a_shared_mapping_exists_even_a_read_only_one():
+    fd = os.memfd_create("recipe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 4096)
+        view = mmap.mmap(fd, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        with pytest.raises(OSError) as info:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        assert info.value.errno == errno.EBUSY
+        view.close()
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # every shared mapping gone: it works
+    finally:
+        os.close(fd)
+
+
+# -- the spec's own client snippet, run as printed ----------------------------------------
+
+
+def test_the_write_your_own_client_snippet_works_as_printed(serve):
+    srv = serve()
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")) as f:
+        text = f.read()
+    snippet = text.split("## 13 Write your own client", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"PATH": srv.path}
+    exec(compile(snippet, "docs/protocol.md §13", "exec"), scope)
+    assert scope["REPLY"] == b"echo:ping"
+
+
+# -- the independent C client (tests/c/client.c, written from the text) --------------------
+
+C_SOURCE = os.path.join(os.path.dirname(__file__), "c", "client.c")
+C_BUILT = os.path.join(os.path.dirname(__file__), "c", "bin", "client")
+
+
+@pytest.fixture(scope="module")
+def c_client(tmp_path_factory) -> str:
+    """The C client: built by `make test` (tests/c/bin/client), else here with $CC."""
+    if os.path.exists(C_BUILT) and os.path.getmtime(C_BUILT) >= os.path.getmtime(C_SOURCE):
+        return C_BUILT
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        print("no C compiler: the C client is not run")
+        pytest.skip("no C compiler ($CC, cc or gcc) to build tests/c/client.c")
+    exe = str(tmp_path_factory.mktemp("c-client") / "client")
+    subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-o", exe, C_SOURCE], check=True)
+    return exe
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """The C client's payload bytes (see tests/c/client.c)."""
+    return bytes((seed * 31 + i * 7) & 0xFF for i in range(n))
+
+
+def echo_bytes(m) -> bytes:
+    return bytes(m.data)
+
+
+def run_c(exe: str, srv, *args: str) -> str:
+    done = subprocess.run([exe, srv.path, *args], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout.decode()
+
+
+def test_c_client_reads_the_hello(serve, c_client):
+    srv = serve(echo_bytes, max_size=3 * MiB)
+    out = run_c(c_client, srv, "hello")
+    assert out == f"hello max_size={3 * MiB} arena_capacity={128 * MiB} arenas=4 inline_max=65536\n"
+
+
+@pytest.mark.parametrize("args", [("inline",), ("many", "300"), ("memfd", "1"), ("memfd", "100001"), ("memfd", str(5 * MiB))])
+def test_c_client_round_trips(serve, c_client, args):
+    srv = serve(echo_bytes)
+    assert run_c(c_client, srv, *args).startswith("ok ")
+    assert srv.stats.dropped_total == 0
+
+
+def test_c_client_arena_reuse_and_the_release_wait(impl, sockdir, c_client):
+    count, size = 6, 300_000  # three fit the 1 MiB ring: the fourth waits for a release
+    with machipc.Server("org.test.c", directory=sockdir, impl=impl) as srv:
+        proc = subprocess.Popen([c_client, srv.path, "arena", str(MiB), str(count), str(size)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # Nothing is received until the client says it waits: the wait is certain.
+            assert proc.stdout.readline() == b"waiting\n", proc.stderr.read()
+            for k in range(count):
+                msg = srv.receive(timeout=60)
+                assert msg.request_id == 0 and bytes(msg.data) == pattern(100 + k, size)
+            for rid, n in ((1, MiB // 8 * 3), (2, MiB // 8 * 6)):  # then the skipped-tail case
+                msg = srv.receive(timeout=60)
+                assert msg.request_id == rid and bytes(msg.data) == pattern(rid, n)
+                msg.reply(bytes(msg.data))
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert out.startswith(b"ok arena 6 messages")
+        assert srv.stats.dropped_total == 0 and srv.stats.received == count + 2
