@@ -23,9 +23,10 @@ demo: install
 	$(VPY) -m machipc demo
 
 # The independent C client of docs/protocol.md (tests/test_conformance.py runs it).
+# Without a compiler the conformance tests say so and skip it.
 tests/c/bin/client: tests/c/client.c
-	mkdir -p tests/c/bin
-	$(CC) -O2 -Wall -Wextra -o $@ tests/c/client.c
+	@if command -v $(CC) >/dev/null 2>&1; then mkdir -p tests/c/bin && $(CC) -O2 -Wall -Wextra -o $@ tests/c/client.c; \
+	else echo "no C compiler ($(CC)): tests/c/client.c is not built, its conformance tests skip"; fi
 
 test: install macos-check tests/c/bin/client
 	$(VPY) -m pytest tests

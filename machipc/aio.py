@@ -580,7 +580,9 @@ class Client:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
         size = payload.size_of(data)
-        if size > payload.MAX_PAYLOAD:
+        if self.sync is not None:  # connected: its limit, and the server's once its HELLO is read
+            self.sync._check_size(size)
+        elif size > payload.MAX_PAYLOAD:
             raise MessageTooLarge(f"payload of {size} bytes is over the {payload.MAX_PAYLOAD}-byte limit")
 
     def _on_readable(self) -> None:

@@ -227,7 +227,10 @@ class Client:
     def _check(self, data: Buffer) -> None:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
-        size = len(data) if type(data) is bytes else payload.size_of(data)
+        self._check_size(len(data) if type(data) is bytes else payload.size_of(data))
+
+    def _check_size(self, size: int) -> None:
+        """MessageTooLarge when ``size`` bytes are over ``max_size`` or the server's announced limit."""
         if size > self.max_size:
             raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
         limits = self.server_limits

@@ -315,3 +315,17 @@ def test_large_payloads_both_ways(impl, sockdir):
             await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
+
+
+def test_async_client_learns_the_server_limit_from_its_hello(impl, sockdir, serve):
+    srv = serve(name="org.test.sync", max_size=1000)
+
+    async def main():
+        async with aio.Client("org.test.sync", directory=sockdir, impl=impl) as cli:
+            assert await cli.request(b"hi", timeout=5) == b"echo:hi"  # the HELLO is read before it
+            assert cli.sync.server_limits.max_size == 1000
+            with pytest.raises(machipc.MessageTooLarge, match="server's limit of 1000"):
+                await cli.send(b"x" * 1001)  # refused before it is sent
+
+    run(main())
+    assert srv.stats.too_large == 0
