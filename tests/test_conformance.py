@@ -393,3 +393,63 @@ def test_c_client_arena_reuse_and_the_release_wait(impl, sockdir, c_client):
         assert proc.returncode == 0, err.decode(errors="replace")
         assert out.startswith(b"ok arena 6 messages")
         assert srv.stats.dropped_total == 0 and srv.stats.received == count + 2
+
+
+# -- arena registration (spec §5.3, receiver rule 1) ---------------------------------------
+
+
+def _arena_packet(kind: int, rid: int, arena_id: int, length: int, offset: int = 0, release: int = 0, fd: bool = False) -> bytes:
+    flags = Flag.ARENA | (Flag.PAYLOAD_FD if fd else 0)
+    return header(kind, rid, length, flags) + REF.pack(arena_id, 0, offset, release or offset + length)
+
+
+def _sized_arena(file_size: int) -> int:
+    fd = os.memfd_create("conformance-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, file_size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
+    return fd
+
+
+@pytest.mark.parametrize("file_size, accepted", [(4096, False), (4097, True), (4096 + 128 * MiB, True), (4096 + 128 * MiB + 1, False)])
+def test_arena_file_size_bounds(raw, file_size, accepted):
+    _srv, connect = raw
+    conn = connect()
+    fd = _sized_arena(file_size)
+    conn.send(_arena_packet(R, 5, 1, 1, fd=True), (fd,))
+    os.close(fd)
+    kind, rid, payload = conn.answer()
+    if accepted:
+        assert (kind, rid, payload) == (Kind.REPLY, 5, b"got 1")
+    else:
+        assert (kind, rid, wire.unpack_error(payload)[0]) == (Kind.ERROR, 5, ErrorCode.MALFORMED)
+
+
+def test_arena_announcements(serve):
+    srv = serve(echo_bytes)
+    conn = Raw(srv.path)
+    first, second = RawArena(), RawArena()
+    first.map[4096:4100] = b"ONE!"
+    second.map[4096:4100] = b"TWO!"
+    try:
+        # Registered even though this first packet is refused (region past the ring) ...
+        conn.send(_arena_packet(R, 1, 7, 10, offset=MiB - 5, release=11, fd=True), (first.fd,))
+        assert conn.answer()[0] == Kind.ERROR and first.release == 11
+        conn.send(_arena_packet(R, 2, 7, 4, release=22))  # ... so a packet without the fd finds it
+        assert conn.answer() == (Kind.REPLY, 2, b"ONE!") and first.release == 22
+        # A repeated announcement of a held id: the fd is ignored, the held arena is used.
+        conn.send(_arena_packet(R, 3, 7, 4, release=33, fd=True), (second.fd,))
+        assert conn.answer() == (Kind.REPLY, 3, b"ONE!") and first.release == 33 and second.release == 0
+        # A refused announcement registers nothing: the id stays unknown.
+        unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+        os.ftruncate(unsealed, 4096 + MiB)
+        conn.send(_arena_packet(R, 4, 8, 4, fd=True), (unsealed,))
+        os.close(unsealed)
+        assert conn.answer()[0] == Kind.ERROR
+        conn.send(_arena_packet(R, 5, 8, 4))
+        kind, rid, payload = conn.answer()
+        assert (kind, rid, wire.unpack_error(payload)[0]) == (Kind.ERROR, 5, ErrorCode.MALFORMED)
+        assert srv.stats.dropped["BAD_ARENA"] == 3
+    finally:
+        conn.close()
+        first.close()
+        second.close()
