@@ -51,6 +51,9 @@ DEVELOPER_ID_MARKERS = (
     "certificate leaf[field.1.2.840.113635.100.6.1.13] /* exists */"
 )
 
+#: Security.framework statuses that say the code is known not to qualify (others: cannot tell).
+_KNOWN_NO = frozenset({-67050, -67062, -67061})  # errSecCSReqFailed, errSecCSUnsigned, errSecCSSignatureFailed
+
 #: codesign exit status -> (allowed, what it means)
 CODESIGN_EXIT = {
     0: (True, "satisfies the requirement"),
@@ -234,7 +237,10 @@ class CodeSignature(Policy):
         # never a fall back to the path-based codesign check (macOS review finding 12).
         if status == 0:
             return Decision.allow(f"pid {peer.pid}'s code satisfies {self.requirement!r}")
-        return Decision.deny(f"pid {peer.pid}'s code: {text} (requirement {self.requirement!r})")
+        said = f"pid {peer.pid}'s code: {text} (requirement {self.requirement!r})"
+        if status in _KNOWN_NO:
+            return Decision.deny(said)
+        return Decision.unknown(said)  # the process is gone, the check failed, ...: cannot tell
 
     def codesign_path(self) -> Optional[str]:
         """The ``codesign`` tool of the macOS fallback: ``codesign=`` if given, else

@@ -488,3 +488,16 @@ def test_cache_sweeps_exited_processes_and_is_bounded():
 def test_cache_maxsize_validated():
     with pytest.raises(ValueError):
         DecisionCache(SameUser(), maxsize=0)
+
+
+@pytest.mark.parametrize("status, state", [(0, "allow"), (-67050, "deny"), (-67062, "deny"), (-67065, "unknown"), (-67063, "unknown")])
+def test_security_framework_failures_other_than_a_no_are_unknown(monkeypatch, status, state):
+    """macOS (simulated): "does not satisfy", "unsigned" deny; a gone process or a failed check is
+    unknown, so ~CodeSignature(...) cannot turn it into an allow."""
+    from machipc.policies import _macos
+
+    monkeypatch.setattr(code_signature, "MACOS", True)
+    monkeypatch.setattr(_macos, "check_token", lambda token, req: (status, f"status {status}"))
+    peer = Peer.from_audit_token([501, 501, 20, 501, 20, 999, 100003, 12])
+    assert evaluate(CodeSignature(team_id=TEAM), peer).state == state
+    assert evaluate(~CodeSignature(team_id=TEAM), peer).state == {"allow": "deny", "deny": "allow"}.get(state, "unknown")
