@@ -61,6 +61,7 @@ from .errors import (
 )
 from .args import DEFAULT, int_arg, timeout_arg
 from .message import Message
+from .policies import PolicyLike
 from .unix import deadline_of, remaining
 from .wire import ErrorCode, Kind, pack_error
 
@@ -519,10 +520,18 @@ class Client:
     ``request`` at once; each gets its own reply.
     """
 
-    def __init__(self, name: str, *, timeout: Optional[float] = 10.0, directory: Optional[str] = None, impl: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        timeout: Optional[float] = 10.0,
+        directory: Optional[str] = None,
+        impl: Optional[str] = None,
+        server_policy: Optional[PolicyLike] = None,
+    ) -> None:
         self.name = name
         self.timeout = timeout
-        self._connect_args = dict(timeout=timeout, directory=directory, impl=impl)
+        self._connect_args = dict(timeout=timeout, directory=directory, impl=impl, server_policy=server_policy)
         self._connecting: Optional[asyncio.Future] = None
         try:
             self._connected(_client.Client(name, connect_timeout=0, **self._connect_args))

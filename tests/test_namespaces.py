@@ -192,23 +192,30 @@ def test_client_in_a_container_connects_with_an_explicit_server_policy(serve, tm
     running = serve(Allowlist(uids=[65534]))
     impl = running.srv.implementation
     script = (
-        "import sys, machipc\n"
+        "import asyncio, sys, machipc\n"
+        "from machipc import aio\n"
         "from machipc.policies import AllowAll\n"
         "name, directory, impl, mode = sys.argv[1:5]\n"
-        "policy = AllowAll() if mode == 'explicit' else None\n"
+        "policy = None if mode == 'default' else AllowAll()\n"
+        "async def via_aio():\n"
+        "    async with aio.Client(name, directory=directory, impl=impl, server_policy=policy) as c:\n"
+        "        print('reply', (await c.request(b'hi')).decode(), c.sync.server_peer)\n"
         "try:\n"
-        "    with machipc.Client(name, directory=directory, impl=impl, server_policy=policy) as c:\n"
-        "        print('reply', c.request(b'hi', timeout=20).decode(), c.server_peer)\n"
+        "    if mode == 'aio':\n"
+        "        asyncio.run(via_aio())\n"
+        "    else:\n"
+        "        with machipc.Client(name, directory=directory, impl=impl, server_policy=policy) as c:\n"
+        "            print('reply', c.request(b'hi', timeout=20).decode(), c.server_peer)\n"
         "except machipc.NotPermitted as exc:\n"
         "    print('refused', exc)\n"
     )
-    for mode in ("explicit", "default"):
+    for mode in ("explicit", "aio", "default"):
         argv = [*AS_NOBODY, "unshare", "-Urpf", "--mount-proc", *python, script,
                 running.srv.name, running.sockdir, impl, mode]
         done = subprocess.run(argv, capture_output=True, timeout=60, cwd=tmp_path)
         out = done.stdout.decode()
-        if mode == "explicit":
-            assert out.startswith("reply ok Peer(pid=unknown, uid=65534"), (out, done.stderr.decode(errors="replace"))
+        if mode != "default":
+            assert out.startswith("reply ok Peer(pid=unknown, uid=65534"), (mode, out, done.stderr.decode(errors="replace"))
         else:
             assert out.startswith("refused") and "server_policy=" in out and "overflow uid" in out, out
 
