@@ -453,3 +453,73 @@ def test_arena_announcements(serve):
         conn.close()
         first.close()
         second.close()
+
+
+# -- what a client checks (spec §9), in both transports' client side ------------------------
+
+from machipc import _backend, naming  # noqa: E402
+from machipc.client import decode_reply  # noqa: E402
+from machipc.wire import Drop  # noqa: E402
+
+TRANSPORTS = ["py"] + (["c"] if _backend._compiled is not None else [])
+REPLY_HEADER = header(Kind.REPLY, 9, BIG, Flag.PAYLOAD_FD)
+CLIENT_CASES = {
+    # name: (packet, fds, (status, error class or None))
+    "inline reply": (header(Kind.REPLY, 9, 2) + b"ok", lambda: (), Drop.OK),
+    "sealed memfd reply": (REPLY_HEADER, lambda: (_memfd(b"r" * BIG),), Drop.OK),
+    "error of version 1": (header(Kind.ERROR, 9, 3, version=1) + b"\x03\x00x", lambda: (), Drop.OK),
+    "error of version 9": (header(Kind.ERROR, 9, 3, version=9) + b"\x03\x00x", lambda: (), Drop.OK),
+    "reply of version 1": (header(Kind.REPLY, 9, 2, version=1) + b"ok", lambda: (), Drop.BAD_VERSION),
+    "request sent to a client": (header(Kind.REQUEST, 9, 2) + b"ok", lambda: (), Drop.BAD_KIND),
+    "HELLO with an id": (header(Kind.HELLO, 9, 24) + wire.pack_hello(1, 2, 3), lambda: (), Drop.BAD_REQUEST_ID),
+    "reply with flag bit 2": (header(Kind.REPLY, 9, 0, 4), lambda: (), Drop.BAD_FLAGS),
+    "memfd reply without F_SEAL_WRITE": (REPLY_HEADER, lambda: (_memfd(b"r" * BIG, ARENA_SEALS),), Drop.BAD_PAYLOAD_FD),
+    "memfd reply of the wrong size": (REPLY_HEADER, lambda: (_memfd(b"r" * (BIG + 1)),), Drop.BAD_PAYLOAD_FD),
+    "memfd reply over the client's limit": (header(Kind.REPLY, 9, 3 * MiB, Flag.PAYLOAD_FD), lambda: (_memfd(b"r" * 3 * MiB),), Drop.OVERSIZE),
+    "reply with two fds": (REPLY_HEADER, lambda: (_memfd(b"r" * BIG), _memfd(b"r" * BIG)), Drop.UNEXPECTED_FDS),
+}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", list(CLIENT_CASES))
+def test_client_side_checks(transport, case):
+    packet, make_fds, expected = CLIENT_CASES[case]
+    server_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = _backend.transport(transport).Conn(client_end, False, False)
+    conn.max_payload = 2 * MiB
+    fds = make_fds()
+    server_end.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+    for fd in fds:
+        os.close(fd)
+    got = conn.recv(10)
+    assert got[0] == expected
+    rid, data, error = decode_reply("conformance", got)
+    assert rid == 9  # a malformed answer still fails the request it names
+    assert (error is None) == (expected == Drop.OK and HEADER.unpack_from(packet)[2] == Kind.REPLY)
+    server_end.close()
+    conn.close()
+
+
+def test_client_treats_an_unknown_error_code_as_a_failure():
+    _rid, data, error = decode_reply("conformance", (Drop.OK, None, Kind.ERROR, 0, 9, wire.pack_error(999, "new"), 0, 0, 0, -1))
+    assert data is None and isinstance(error, machipc.RemoteError) and "new" in str(error)
+
+
+# -- addresses (spec §11) ---------------------------------------------------------------------
+
+
+def test_empty_runtime_variables_count_as_unset(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(os, "getuid", lambda: 1000)  # the effective uid names the directory
+    monkeypatch.setenv("MACHIPC_RUNTIME_DIR", "")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "")
+    monkeypatch.delenv("MACHIPC_SYSTEM_DIR", raising=False)
+    assert naming.lookup_dirs() == ["/tmp/machipc-4242", "/run/machipc"]
+
+
+def test_socket_paths_up_to_107_bytes(tmp_path):
+    directory = str(tmp_path / "d")
+    room = 107 - len(directory) - 1
+    assert len(naming.service_path("n" * room, directory=directory)) == 107
+    with pytest.raises(machipc.InvalidArgument, match="longer than 107"):
+        naming.service_path("n" * (room + 1), directory=directory)
