@@ -461,6 +461,10 @@ class Server:
                 break
             await asyncio.wait(set(tasks), timeout=remaining(deadline), return_when=asyncio.FIRST_COMPLETED)
         log.info("stopping: handled %d queued messages", drained)
+        if deadline is None:
+            deadline = deadline_of(self.sync.reply_timeout or 0.0)
+        while self.sync._flush_replies(0) and remaining(deadline) != 0.0:  # replies queued for slow readers
+            await asyncio.sleep(0.01)
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list:
         restore = []

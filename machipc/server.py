@@ -476,6 +476,7 @@ class Server:
                 if pool is not None:
                     pool.close(remaining(deadline))
                     pool = None
+                self._flush_replies_until(deadline)
         finally:
             if pool is not None:
                 pool.close(1.0, discard=True)
@@ -484,6 +485,30 @@ class Server:
             self._stop_serving = False
             if graceful:
                 self.close()
+
+    def _flush_replies_until(self, deadline: Optional[float]) -> None:
+        """Graceful stop: let replies queued for slow readers go out, until ``deadline``
+        (no drain timeout: ``reply_timeout``); what still waits then is dropped with the connection."""
+        if deadline is None:
+            deadline = deadline_of(self.reply_timeout or 0.0)
+        while self._flush_replies(min(0.1, remaining(deadline))) and remaining(deadline) != 0.0:
+            pass
+
+    def _flush_replies(self, wait: float) -> bool:
+        """Send queued replies the clients have room for, first waiting up to ``wait`` s
+        for one to have room; True while some still wait (machipc.outbox)."""
+        waiting_conns = getattr(self._transport, "waiting_conns", None)
+        conns = waiting_conns() if waiting_conns is not None else []
+        if not conns:
+            return False
+        if wait > 0:
+            poller = select.poll()
+            for conn in conns:
+                poller.register(conn.fd, select.POLLOUT)
+            poller.poll(int(wait * 1000) + 1)
+        for conn in conns:
+            conn.outbox.flush(conn)
+        return True
 
     def _drain(self, handler: Handler, pool, deadline: Optional[float]) -> None:
         """After a stop: handle what clients already sent, accepting nobody new."""

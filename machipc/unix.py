@@ -594,6 +594,10 @@ class ServerTransport:
             conn.outbox.close()
         self._resume_accept()  # a connection went: its fds may soon be free
 
+    def waiting_conns(self) -> list:
+        """Connections with replies waiting in their outbox (for a graceful stop)."""
+        return [conn for conn in self._conns.values() if conn.outbox is not None and conn.outbox.waiting]
+
     def disconnect(self, conn: Conn) -> None:
         """Stop serving ``conn`` (e.g. a hostile peer); its fd closes when released."""
         self._drop(conn)

@@ -298,3 +298,48 @@ def test_outbox_counts_memfd_payloads_left_unread(tmp_path):
     assert box.in_flight == 80 << 20
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("front", ["sync", "aio"])
+def test_graceful_stop_delivers_replies_queued_for_a_slow_reader(impl, sockdir, front):
+    """stop() still answers what was asked: queued replies go out while the client reads, then EOF."""
+    import socket
+
+    if front == "sync":
+        srv = machipc.Server("org.test.outbox", directory=sockdir, impl=impl)
+        thread = threading.Thread(target=srv.serve, args=(lambda m: REPLY,), daemon=True)
+        stop = srv.stop
+    else:
+        box, ready = {}, threading.Event()
+
+        async def run() -> None:
+            async with aio.Server("org.test.outbox", directory=sockdir, impl=impl) as asrv:
+                box["srv"], box["loop"] = asrv, asyncio.get_running_loop()
+                ready.set()
+                await asrv.serve(lambda m: REPLY, signals=False)
+
+        thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    if front == "aio":
+        assert ready.wait(10)
+        srv = box["srv"].sync
+
+        def stop() -> None:
+            box["loop"].call_soon_threadsafe(box["srv"].stop)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+        raw.connect(srv.path)
+        raw.settimeout(30)
+        n = 100
+        for rid in range(1, n + 1):
+            raw.send(wire.pack_header(wire.Kind.REQUEST, rid, 1) + b"x")
+        assert wait_for(lambda: srv.stats.received == n, 30)
+        assert wait_for(lambda: srv._transport.waiting_conns(), 30)  # the socket is full: replies wait
+        stop()
+        kinds = []
+        while True:
+            pkt = raw.recv(64 * 1024)
+            if not pkt:
+                break
+            kinds.append(pkt[3])
+    thread.join(30)
+    assert kinds.count(wire.Kind.REPLY) == n
