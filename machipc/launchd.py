@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import os
 import plistlib
+import sys
+import tempfile
 from typing import Optional, Sequence
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotPermitted
 from .machmsg import check_service_name
 
 __all__ = ["plist_dict", "plist_bytes", "default_path", "write_plist"]
@@ -75,21 +77,42 @@ def default_path(name: str, user_agent: bool) -> str:
     return os.path.join(folder, f"{name}.plist")
 
 
-def write_plist(name: str, program: list[str], user_agent: bool, path: Optional[str] = None) -> str:
-    """Write the job plist for service ``name`` and return its path.
+def write_plist(name: str, program: list[str], user_agent: bool, path: Optional[str] = None, *, force: bool = False) -> str:
+    """Write the job plist for service ``name`` (mode 0644) and return its path.
 
     ``program`` is the ProgramArguments list (absolute executable first);
     ``user_agent`` selects a per-user LaunchAgent instead of a system
-    LaunchDaemon; ``path`` overrides the default location (``"-"`` is not
-    special: use :func:`plist_bytes` for stdout).
+    LaunchDaemon. ``path`` is a file, or a directory (existing, or ending in
+    ``/``) to write ``NAME.plist`` into; without it the launchd location is used,
+    which exists on macOS only (InvalidArgument elsewhere). An existing file is
+    replaced only with ``force`` (NotPermitted otherwise). ``"-"`` is not
+    special: use :func:`plist_bytes` for stdout.
     """
     data = plist_bytes(name, program, user_agent=user_agent)
+    if path is None and sys.platform != "darwin":
+        raise InvalidArgument("launchd plists go to macOS's launchd directories: on this system give a path (-o FILE, -o DIR/ or -o -)")
     target = path or default_path(name, user_agent)
+    if target.endswith(os.sep) or os.path.isdir(target):
+        target = os.path.join(target, f"{name}.plist")
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{target}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # launchd refuses group/world-writable job files
-    os.replace(tmp, target)
+    if not force and os.path.lexists(target):
+        raise NotPermitted(f"{target} exists (use --force to overwrite)")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # launchd refuses group/world-writable job files
+        if force:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # fails if the file appeared meanwhile: never overwrite silently
+            except FileExistsError:
+                raise NotPermitted(f"{target} exists (use --force to overwrite)") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
     return target

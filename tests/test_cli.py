@@ -82,3 +82,86 @@ def test_serve_with_policy_file_rejects_and_errors_clearly(sockdir, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+# -- errors are one line, files are never clobbered -------------------------------
+
+
+def one_line_error(out, status=None):
+    assert out.returncode != 0 and (status is None or out.returncode == status), out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
+
+
+PROGRAM = ["--program", "/usr/bin/python3", "/opt/daemon.py"]
+
+
+def test_plist_into_a_directory_stdout_and_no_overwrite(tmp_path):
+    import plistlib
+
+    out = run("plist", "org.example.echo", *PROGRAM, "-o", f"{tmp_path}/")
+    assert out.returncode == 0, out.stderr
+    written = tmp_path / "org.example.echo.plist"
+    assert plistlib.loads(written.read_bytes())["Label"] == "org.example.echo"
+    assert [p.name for p in tmp_path.iterdir()] == ["org.example.echo.plist"]  # no temp file left
+    line = one_line_error(run("plist", "org.example.echo", *PROGRAM, "-o", str(tmp_path)))
+    assert "exists" in line and "--force" in line
+    assert run("plist", "org.example.echo", *PROGRAM, "-o", str(written), "--force").returncode == 0
+    out = subprocess.run(CLI + ["plist", "org.example.echo", *PROGRAM, "-o", "-"], capture_output=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and plistlib.loads(out.stdout)["Label"] == "org.example.echo"
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the launchd default location is right on macOS")
+def test_plist_without_output_is_refused_off_macos():
+    line = one_line_error(run("plist", "org.example.nowhere", *PROGRAM))
+    assert "-o" in line
+    assert not os.path.exists("/Library/LaunchDaemons/org.example.nowhere.plist")
+
+
+def test_policy_file_missing_and_policy_conflict(sockdir, tmp_path):
+    line = one_line_error(run("serve", "org.test.pf", "--directory", sockdir, "--policy-file", str(tmp_path / "nope.toml")))
+    assert "nope.toml" in line
+    line = one_line_error(run("serve", "org.test.pf", "--directory", sockdir, "--policy", "allow-all", "--policy-file", str(tmp_path / "p.toml")), 2)
+    assert "not allowed with" in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["request", "org.test.none", "x", "--timeout", "-1"],
+    ["request", "org.test.none", "x", "--timeout", "soon"],
+    ["send", "org.test.none"],
+    ["send", "org.test.none", "x", "--file", "/etc/hostname"],
+    ["send", "bad/name", "x"],
+    ["send", "org.test.none", "--file", "/nonexistent/payload"],
+    ["unit", "org.test.u", "--exec", "/bin/true", "--mode", "9x"],
+    ["nosuchcommand"],
+    [],
+])
+def test_every_error_is_one_line(argv, sockdir):
+    one_line_error(run(*argv, "--directory", sockdir) if argv and argv[0] in ("send", "request") else run(*argv))
+
+
+def test_version():
+    import machipc
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"machipc {machipc.__version__}"
+
+
+def test_binary_payloads_from_file_and_stdin(sockdir, tmp_path):
+    blob = bytes(range(256)) * 4
+    (tmp_path / "in.bin").write_bytes(blob)
+    server = subprocess.Popen(CLI + ["serve", "org.test.bin", "--directory", sockdir, "--echo"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        out = run("request", "org.test.bin", "--file", str(tmp_path / "in.bin"), "-o", str(tmp_path / "out.bin"), "--directory", sockdir)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "out.bin").read_bytes() == blob
+        out = subprocess.run(CLI + ["request", "org.test.bin", "-f", "-", "-o", "-", "--directory", sockdir],
+                             input=blob, capture_output=True, timeout=60)
+        assert out.returncode == 0 and out.stdout == blob
+        assert run("send", "org.test.bin", "-f", str(tmp_path / "in.bin"), "--directory", sockdir).returncode == 0
+    finally:
+        server.terminate()
+        server.wait(10)

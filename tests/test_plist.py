@@ -29,6 +29,7 @@ def test_write_plist_round_trip(tmp_path):
 
 def test_write_plist_user_agent_default_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(launchd.sys, "platform", "darwin")  # the default locations are macOS's
     path = launchd.write_plist("com.example.agent", ["/bin/echo"], True)
     assert path == str(tmp_path / "Library" / "LaunchAgents" / "com.example.agent.plist")
     job = plistlib.loads(Path(path).read_bytes())
