@@ -8,7 +8,17 @@ decides whether that sender is trusted before any handler sees the bytes::
         srv.serve(lambda msg: b"pong")
 """
 
-from . import policies
+try:
+    from . import policies
+except ImportError as _exc:
+    if _exc.name != __name__:
+        raise
+    # A source checkout that was never installed: machipc.policies lives in ./policies
+    # and only an install (editable or not) maps it there.
+    raise ImportError(
+        "machipc is not installed: in the source checkout run `make install` (or `pip install -e .`), "
+        "which maps machipc.policies and builds the Cython transport"
+    ) from None
 from ._backend import PURE_PYTHON
 from .client import Client
 from .errors import (

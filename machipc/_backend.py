@@ -13,14 +13,17 @@ from typing import Optional
 from . import unix as _pure
 from .errors import InvalidArgument
 
-PURE_PYTHON = os.environ.get("MACHIPC_PURE_PYTHON", "") not in ("", "0")
+_PURE_REQUESTED = os.environ.get("MACHIPC_PURE_PYTHON", "") not in ("", "0")
 
 try:
     from . import _unix as _compiled  # type: ignore[attr-defined]
 except ImportError:  # not built (pure install, or an unsupported platform)
     _compiled = None
 
-DEFAULT: ModuleType = _pure if PURE_PYTHON or _compiled is None else _compiled
+DEFAULT: ModuleType = _pure if _PURE_REQUESTED or _compiled is None else _compiled
+#: True when the (Linux) transport in use is the pure-Python twin: requested with
+#: MACHIPC_PURE_PYTHON=1, or because the Cython extension is not built or did not import.
+PURE_PYTHON = DEFAULT is _pure
 
 
 def transport(impl: Optional[str] = None) -> ModuleType:
