@@ -165,3 +165,21 @@ def test_binary_payloads_from_file_and_stdin(sockdir, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_request_with_a_server_policy_file(sockdir, tmp_path):
+    """send/request take the server policy from a file (a client in a container needs one)."""
+    server = subprocess.Popen(CLI + ["serve", "org.test.sp", "--directory", sockdir, "--echo"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        wrong = tmp_path / "wrong.toml"
+        wrong.write_text(f"[policy]\nallowlist = {{ uids = [{os.geteuid() + 1}] }}\n")
+        out = run("request", "org.test.sp", "hi", "--directory", sockdir, "--server-policy-file", str(wrong))
+        assert out.returncode == 1 and "NotPermitted" in out.stderr and "is not trusted" in out.stderr
+        right = tmp_path / "right.toml"
+        right.write_text(f"[policy]\nallowlist = {{ uids = [{os.geteuid()}] }}\n")
+        out = run("request", "org.test.sp", "hi", "--directory", sockdir, "--server-policy-file", str(right))
+        assert out.returncode == 0 and out.stdout.strip() == "hi"
+    finally:
+        server.terminate()
+        server.wait(10)
