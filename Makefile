@@ -14,7 +14,7 @@ $(VPY):
 # Editable install: builds the Cython extensions in place.
 $(STAMP): $(VPY) $(SOURCES)
 	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
-	$(VPY) -c 'import sys, importlib; importlib.import_module("machipc._mach" if sys.platform == "darwin" else "machipc._unix")' || { echo "the Cython extension did not build"; exit 1; }
+	$(VPY) -c 'import sys, importlib; importlib.import_module("machipc._mach" if sys.platform == "darwin" else "machipc._unix")' || { echo "machipc or its Cython extension does not import (the error is above)"; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)

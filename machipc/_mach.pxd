@@ -2,7 +2,7 @@
 #
 # "_mach_layout.h" includes <mach/mach.h>, <mach/message.h>, <mach/notify.h>,
 # <bsm/audit.h>, proves machmsg.py's layout constants with _Static_assert, and
-# declares the bootstrap prototypes (<servers/bootstrap.h> is not in the SDK).
+# declares the bootstrap prototypes (<servers/bootstrap.h> is not in zig's SDK copy).
 
 from libc.stdint cimport int16_t, int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from posix.time cimport timespec

@@ -5,9 +5,10 @@
  *    _Static_assert: if the SDK disagrees, the extension does not compile and
  *    `make macos-check` fails. tests/test_machmsg.py checks that every
  *    MACHMSG_* value here equals the constant of the same name in machmsg.py.
- * 2. The bootstrap prototypes: <servers/bootstrap.h> is not in the public SDK,
- *    so they are declared here by hand (libSystem exports them; the gate's
- *    link without dynamic_lookup proves each name exists).
+ * 2. The bootstrap prototypes, declared by hand: <servers/bootstrap.h> is in
+ *    Xcode's MacOSX.sdk but not in the SDK headers zig ships, which the gate
+ *    compiles against (the prototypes match it: const name_t; libSystem
+ *    exports them and the gate's link without dynamic_lookup proves each name).
  */
 #ifndef MACHIPC_MACH_LAYOUT_H
 #define MACHIPC_MACH_LAYOUT_H
@@ -159,7 +160,7 @@ MACHIPC_ASSERT(MACH_RCV_INTERRUPT == MACHMSG_MACH_RCV_INTERRUPT);
 MACHIPC_ASSERT(MACH_MSG_MASK == MACHMSG_MACH_MSG_MASK);
 MACHIPC_ASSERT(MACH_MSG_IPC_SPACE == MACHMSG_MACH_MSG_IPC_SPACE);
 
-/* <servers/bootstrap.h> (not in the public SDK). name_t is char[128]. */
+/* As <servers/bootstrap.h> declares them (absent from zig's SDK copy). name_t is char[128]. */
 typedef char machipc_name_t[128];
 extern mach_port_t bootstrap_port;
 kern_return_t bootstrap_check_in(mach_port_t bp, const machipc_name_t service_name, mach_port_t *sp);

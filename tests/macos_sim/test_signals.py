@@ -44,3 +44,33 @@ def test_signal_stops_blocked_serve(signum):
         out, err = p.communicate()
         pytest.fail(f"serve() did not stop on signal {signum} (blocked in mach_msg): {err[-2000:]}")
     assert "stopped" in out and p.returncode == 0, err[-2000:]
+
+
+def test_interrupted_send_is_retried_without_leaking_its_reply_right(monkeypatch):
+    """MACH_SEND_INTERRUPTED (machmsg.SendInterrupted): the handlers ran in _mach.send;
+    Conn.send tries again for the time left with a fresh reply port, the first one
+    destroyed (PEP 475)."""
+    from machipc import _mach, mach
+    from machipc import machmsg as mm
+    from machipc.wire import Kind
+
+    server = mach.server_transport("org.machipc.sim.sendintr")
+    client = mach.client_conn("org.machipc.sim.sendintr", 5.0)
+    try:
+        real, calls = _mach.send, []
+
+        def interrupted_once(*a, **k):
+            calls.append(a[2])  # the reply port
+            if len(calls) == 1:
+                raise mm.send_error(mm.MACH_SEND_INTERRUPTED, 5.0)
+            return real(*a, **k)
+
+        before = _mach.KERNEL.self_task.port_names()
+        monkeypatch.setattr(_mach, "send", interrupted_once)
+        client.send(Kind.REQUEST, 1, b"x", 5.0)
+        assert len(calls) == 2 and calls[0] != calls[1]
+        assert server.recv(0)[4] == 1
+        assert _mach.KERNEL.self_task.port_names() == before + 1  # only the reply port in use
+    finally:
+        client.close()
+        server.close()
