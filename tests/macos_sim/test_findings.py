@@ -9,17 +9,14 @@ from machipc import errors, mach
 from machipc import machmsg as mm
 from machipc.wire import Drop, Flag, Kind, pack_header
 from tests.macos_sim.fakekernel import KERNEL, Task
+from tests.macos_sim.sim_child import transport_pair
 
 NAME = "org.machipc.sim.findings"
 
 
 @pytest.fixture
 def pair():
-    server = mach.server_transport(NAME)
-    client = mach.client_conn(NAME, 5.0)
-    yield server, client
-    client.close()
-    server.close()
+    yield from transport_pair(NAME)
 
 
 def hostile_send(task, name, *, copy, dtype=mm.MACH_MSG_OOL_DESCRIPTOR, msgh_id=mm.MACHIPC_MSGH_ID, count=1,

@@ -12,17 +12,14 @@ from machipc import _mach, errors, mach
 from machipc import machmsg as mm
 from machipc.wire import Drop, ErrorCode, Kind, pack_header, unpack_error
 from tests.macos_sim.fakekernel import KERNEL, Task
+from tests.macos_sim.sim_child import transport_pair
 
 NAME = "org.machipc.glue"
 
 
 @pytest.fixture
 def pair():
-    server = mach.server_transport(NAME)
-    client = mach.client_conn(NAME, 5.0)
-    yield server, client
-    client.close()
-    server.close()
+    yield from transport_pair(NAME)
 
 
 def raw_send(header, payload=b"", reply=0, reply_disposition=0):
