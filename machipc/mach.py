@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Optional
 
 from .errors import InvalidArgument, NotPermitted, PeerGone, ServiceInUse
 from .machmsg import (
     BOOTSTRAP_NOT_PRIVILEGED,
+    BOOTSTRAP_SERVICE_ACTIVE,
     MACH_MSG_TYPE_COPY_SEND,
     MACH_MSG_TYPE_MAKE_SEND_ONCE,
     MACH_MSG_TYPE_MOVE_SEND_ONCE,
@@ -186,14 +188,32 @@ class ReplyConn:
             pass
 
 
+#: A name this process closed is retried this long on BOOTSTRAP_SERVICE_ACTIVE (seconds).
+RECHECK_IN_SECONDS = 2.0
+_closed_at: dict[str, float] = {}  # service name -> time.monotonic() this process closed it
+
+
 def _check_in(m, name: str) -> int:
     """``bootstrap_check_in``, telling "already served" from "not allowed here".
 
     launchd answers BOOTSTRAP_NOT_PRIVILEGED both when another process holds the
     name ("tried to hijack the service", job_mig_check_in2 in the last open-source
     launchd) and in a dead login session's namespace; a look-up tells them apart:
-    it succeeds only when someone serves the name.
+    it succeeds only when someone serves the name. A name this process closed
+    moments ago can still read as its own (BOOTSTRAP_SERVICE_ACTIVE) until launchd
+    has processed the port's dead-name notification: that is retried briefly.
     """
+    recheck_until = _closed_at.get(name, -RECHECK_IN_SECONDS) + RECHECK_IN_SECONDS
+    while True:
+        try:
+            return _check_in_once(m, name)
+        except ServiceInUse as exc:
+            if getattr(exc, "kern_return", None) != BOOTSTRAP_SERVICE_ACTIVE or time.monotonic() >= recheck_until:
+                raise
+            time.sleep(0.01)
+
+
+def _check_in_once(m, name: str) -> int:
     try:
         return m.check_in(name)
     except NotPermitted as exc:
@@ -298,6 +318,7 @@ class ServerTransport:
         if self._port:
             m.destroy_receive(self._port)
             self._port = 0
+            _closed_at[self.name] = time.monotonic()
         if self._wake:
             m.deallocate(self._wake)  # our send right
             m.destroy_receive(self._wake)

@@ -149,6 +149,11 @@ class Kernel:
         self.launchd = Task(uid=0, gid=0)
         self.launchd.pid = 1
         self.blocked = 0  # threads waiting inside mach_msg (tests wait for "blocked in receive")
+        #: Bootstrap requests launchd serves before it processes a dead-name notification
+        #: (0: at once). launchd learns that a dynamic service's port died from an
+        #: asynchronous MACH_NOTIFY_DEAD_NAME; until then the name still reads as held.
+        self.launchd_lag = 0
+        self._dying: dict[str, list] = {}  # name -> [requests left, task that held it]
 
     @property
     def task(self) -> Task:
@@ -210,9 +215,12 @@ class Kernel:
         queued, port.queue = list(port.queue), deque()
         for kmsg in queued:
             self._destroy_kmsg(kmsg)
-        # launchd's dead-name notification removes a dynamic name (job_mig_check_in2 /
-        # machservice_resetport); modelled as immediate.
-        self.services = {k: v for k, v in self.services.items() if v is not port}
+        # launchd's dead-name notification removes a dynamic name (machservice_resetport),
+        # after launchd_lag more bootstrap requests.
+        for name in [k for k, v in self.services.items() if v is port]:
+            del self.services[name]
+            if self.launchd_lag:
+                self._dying[name] = [self.launchd_lag, task]
         self.cond.notify_all()
 
     def _destroy_kmsg(self, kmsg: KMsg) -> None:
@@ -443,6 +451,13 @@ class Kernel:
                 return self._bootstrap_fail(mm.BOOTSTRAP_SERVICE_ACTIVE)
             port.receiver = task
             return task.insert(port, "receive")
+        dying = self._dying.get(name)
+        if dying is not None:
+            dying[0] -= 1
+            if dying[0] <= 0:
+                del self._dying[name]
+            return self._bootstrap_fail(mm.BOOTSTRAP_SERVICE_ACTIVE if dying[1] is task else
+                                        mm.BOOTSTRAP_NOT_PRIVILEGED)
         port = self.services.get(name)
         if port is not None and port.alive:
             return self._bootstrap_fail(mm.BOOTSTRAP_SERVICE_ACTIVE if port.receiver is task else

@@ -168,6 +168,15 @@ def test_machservices_close_hands_the_queue_back_to_launchd():
         server.close()
 
 
+def test_checking_in_again_right_after_close_waits_for_launchd(monkeypatch):
+    """launchd learns of the closed port from an asynchronous dead-name notification;
+    until then the same process's check-in reads BOOTSTRAP_SERVICE_ACTIVE."""
+    monkeypatch.setattr(KERNEL, "launchd_lag", 5)
+    mach.server_transport(NAME).close()
+    monkeypatch.setattr(KERNEL, "launchd_lag", 0)
+    mach.server_transport(NAME).close()
+
+
 def test_dynamic_name_close_fails_queued_requests(pair):
     server, client = pair
     client.send(Kind.REQUEST, 8, b"x", 1.0)
