@@ -342,7 +342,7 @@ class Server:
                 await self._try(self.fail(msg, "the server is shutting down", ErrorCode.SHUTTING_DOWN))
             raise
         except UnreadReplies as exc:  # the handler's own reply found the client over its bound
-            self.sync.unread_replies(msg, exc)
+            self.sync._cut_off(msg, exc)
             return
         except Exception as exc:
             stats.handler_errors += 1
@@ -358,14 +358,14 @@ class Server:
             try:
                 await self.reply(msg, b"" if result is None else result)
             except UnreadReplies as exc:
-                self.sync.unread_replies(msg, exc)
+                self.sync._cut_off(msg, exc)
             except MessageTooLarge as exc:
                 stats.handler_errors += 1
                 log.warning("handler's reply is unsendable: %s", exc)
                 msg._answered = False
                 await self._try(self.fail(msg, str(exc)))
             except Exception as exc:
-                self.sync.reply_failed(msg, exc)
+                self.sync._reply_failed(msg, exc)
 
     async def _try(self, answer: Awaitable) -> None:
         try:

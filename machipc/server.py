@@ -586,7 +586,7 @@ class Server:
         try:
             result = handler(msg)
         except UnreadReplies as exc:  # the handler's own msg.reply() found the client over its bound
-            self.unread_replies(msg, exc)
+            self._cut_off(msg, exc)
             return
         except Exception as exc:
             self.stats.handler_errors += 1
@@ -611,19 +611,19 @@ class Server:
             if msg is not None:
                 self._answer(msg.fail, str(exc))
         except UnreadReplies as exc:
-            self.unread_replies(getattr(answer, "__self__"), exc)
+            self._cut_off(getattr(answer, "__self__"), exc)
         except Exception as exc:
-            self.reply_failed(getattr(answer, "__self__", None), exc)
+            self._reply_failed(getattr(answer, "__self__", None), exc)
             if isinstance(exc, IPCTimeoutError):
                 _hang_up(getattr(getattr(answer, "__self__", None), "_conn", None))
 
-    def reply_failed(self, msg: Optional[Message], exc: Exception) -> None:
+    def _reply_failed(self, msg: Optional[Message], exc: Exception) -> None:
         """Count a reply that could not be delivered; log it (rate-limited per uid)."""
         self.stats.reply_errors += 1
         uid = msg.sender.uid if msg is not None else -1
         self.rate_log.warning(uid, "reply failed", "could not answer request: %s", exc)
 
-    def unread_replies(self, msg: Message, exc: UnreadReplies) -> None:
+    def _cut_off(self, msg: Message, exc: UnreadReplies) -> None:
         """Disconnect the client of ``msg``, which left too many replies unread; count a strike on its uid."""
         self.stats.unread_replies += 1
         uid = msg.sender.uid
