@@ -403,3 +403,23 @@ def test_client_buffer_sends_out_of_line(server, name):
             cli.send(buf)
     got = server.recv(10.0)
     assert got[0] == Drop.OK and bytes(got[5][:3]) == b"abc" and len(got[5]) == 100_000
+
+
+def test_sender_identity_is_its_running_image(server, name):
+    """Finding 11: exe_id is the (dev, ino) of the sender's executable mapping
+    (PROC_PIDREGIONPATHINFO), equal to the interpreter file it runs; finding 19:
+    the token-checked liveness says alive while it runs and gone after."""
+    from machipc.policies import _macos
+
+    p = client_proc(name, "c.send(Kind.MESSAGE, 0, b'who', 5.0); import time; time.sleep(3)")
+    try:
+        got = server.recv(10.0)
+        assert got is not None and got[0] == Drop.OK, p.stderr.read()
+        peer = got[9]
+        exe = os.path.realpath(peer.exe)
+        st = os.stat(exe)
+        assert peer.exe_id == (st.st_dev, st.st_ino), peer.unknown_reason
+        assert _macos.pidversion_alive(peer.pid, peer.guard)
+    finally:
+        p.wait(30)
+    assert not _macos.pidversion_alive(peer.pid, peer.guard)
