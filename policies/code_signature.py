@@ -233,7 +233,7 @@ class CodeSignature(Policy):
         except _macos.FrameworkUnavailable as exc:  # framework missing or symbol absent: the only fallback case
             self._unusable = f"Security.framework unusable ({exc}); using codesign"
             return None
-        # Any other Security.framework failure came back as a status: a denial above,
+        # Any other Security.framework failure came back as a status (never an allow below),
         # never a fall back to the path-based codesign check (macOS review finding 12).
         if status == 0:
             return Decision.allow(f"pid {peer.pid}'s code satisfies {self.requirement!r}")
