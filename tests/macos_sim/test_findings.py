@@ -49,6 +49,33 @@ def test_mapped_memory_stays_flat_under_hostile_senders(pair, copy, how):
     assert KERNEL.self_task.mapped() == 0, f"{KERNEL.self_task.mapped()} bytes stay mapped after {how} senders"
 
 
+@pytest.mark.parametrize("copy", [mm.MACH_MSG_PHYSICAL_COPY, mm.MACH_MSG_VIRTUAL_COPY])
+def test_client_unmaps_hostile_replies(copy):
+    """The client receives through the same path: a server answering with a refused
+    complex message (wrong msgh_id, PHYSICAL_COPY) leaves nothing mapped in it."""
+    hostile = Task()
+    with KERNEL.as_task(hostile):
+        server = mach.server_transport(NAME)
+    client = mach.client_conn(NAME, 5.0)
+    try:
+        for i in range(1, 21):
+            client.send(Kind.REQUEST, i, b"x", 1.0)
+            with KERNEL.as_task(hostile):
+                reply = server.recv(0)[1]._take()
+            with KERNEL.cond:
+                bits = mm.MACH_MSGH_BITS(mm.MACH_MSG_TYPE_MOVE_SEND_ONCE, 0) | mm.MACH_MSGH_BITS_COMPLEX
+                descs = [{"type": mm.MACH_MSG_OOL_DESCRIPTOR, "copy": copy, "data": bytes(1 << 20)}]
+                kr, _ = KERNEL.msg_send(hostile, bits, reply, 0, 0x1234, pack_header(Kind.REPLY, i, 1 << 20), descs,
+                                        mm.SEND_OPTIONS, 0)
+            assert kr == mm.MACH_MSG_SUCCESS
+            assert client.recv(0)[0] != Drop.OK
+        assert KERNEL.self_task.mapped() == 0
+    finally:
+        client.close()
+        with KERNEL.as_task(hostile):
+            server.close()
+
+
 def test_take_regions_frees_each_region_once():
     buf = bytearray(mm.build_ool(pack_header(Kind.MESSAGE, 0, 9), 0x7000_0000, 9, mm.AuditToken(*range(1, 9)),
                                  dtype=mm.MACH_MSG_OOL_VOLATILE_DESCRIPTOR))
