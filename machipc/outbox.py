@@ -113,6 +113,16 @@ class Outbox:
             if len(queue) == 1:
                 self._watch(True)
 
+    def check(self, conn, held: int) -> None:
+        """Raise UnreadReplies now if a memfd reply of ``held`` bytes would be over the bound,
+        before the server spends memory writing it (``payload.send`` asks first)."""
+        with self._lock:
+            if self.closed:
+                raise PeerGone("the connection is closed")
+            self._refresh(conn)
+            if self.queued + self.in_flight + held > self.limit:
+                self._overflow(f"{self.queued + self.in_flight + held} bytes of unread replies, over the {self.limit}-byte limit")
+
     def flush(self, conn) -> None:
         """Send what waits, until the socket is full again (the transport calls this on EPOLLOUT)."""
         with self._lock:

@@ -209,6 +209,9 @@ def send(conn, kind: int, request_id: int, data: Payload, timeout: Optional[floa
             data.discard()  # the kernel sent a copy-on-write snapshot: sent once, as on Linux
         return
     size = size_of(data)
+    outbox = getattr(conn, "outbox", None)
+    if outbox is not None and INLINE_MAX < size <= limit and timeout != 0:
+        outbox.check(conn, size)  # a server's reply: refuse before writing a memfd the client would not read
     if arenas is not None and INLINE_MAX < size <= limit and not isinstance(data, LoanBuffer) and arenas.usable(size):
         arenas.send(conn, kind, request_id, data, size, timeout)
         return

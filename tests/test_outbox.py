@@ -267,6 +267,15 @@ def test_outbox_bound_and_age_disconnect():
         aged.send(conn, b"h", b"x")
 
 
+def test_outbox_check_refuses_before_a_memfd_is_written():
+    box = Outbox(1000, None, lambda on: None)
+    conn = FakeConn()
+    box.check(conn, 1000)  # fits
+    with pytest.raises(UnreadReplies):
+        box.check(conn, 1001)
+    assert box.closed
+
+
 def test_outbox_counts_memfd_payloads_left_unread(tmp_path):
     """Memfd replies the peer has not read count against the bound (SIOCOUTQ on a real socket)."""
     import socket
