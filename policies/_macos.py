@@ -122,14 +122,21 @@ def _token(words: Sequence[int]) -> AuditToken:
     return t
 
 
+#: libproc functions called through ctypes: name -> (restype, argtypes). tools/macos_check.py
+#: compiles these signatures against <libproc.h> (an incompatible one fails the gate).
+LIBPROC_SIGNATURES = {
+    "proc_pidpath_audittoken": (ctypes.c_int, [ctypes.POINTER(AuditToken), ctypes.c_void_p, ctypes.c_uint32]),
+    "proc_pidinfo": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int]),
+}
+
+
 def _load_libc():
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "/usr/lib/libSystem.B.dylib", use_errno=True)
-        lib.proc_pidpath_audittoken.argtypes = [ctypes.POINTER(AuditToken), ctypes.c_void_p, ctypes.c_uint32]
-        lib.proc_pidpath_audittoken.restype = ctypes.c_int
-        lib.proc_pidinfo.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int]
-        lib.proc_pidinfo.restype = ctypes.c_int
+        for name, (restype, argtypes) in LIBPROC_SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
         _libc = lib
     return _libc
 

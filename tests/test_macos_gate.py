@@ -128,11 +128,16 @@ def test_gate_fails_when_the_sdist_lacks_a_source(tmp_path):
     assert "the sdist lacks _mach_layout.h" in output
 
 
-def test_gate_fails_on_a_wrong_ctypes_layout(tmp_path):
-    """policies/_macos.py's ctypes structures are checked against the SDK."""
+@pytest.mark.parametrize("old, new, named", [
+    ('("vst_ino", ctypes.c_uint64)', '("vst_ino", ctypes.c_uint32)', "vst_ino"),
+    ("ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int]", "ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int]", "proc_pidinfo"),
+])
+def test_gate_fails_on_a_wrong_ctypes_declaration(tmp_path, old, new, named):
+    """policies/_macos.py's ctypes structures and libproc signatures are checked against the SDK."""
     root = copy_tree(tmp_path)
     p = root / "policies" / "_macos.py"
-    p.write_text(p.read_text().replace('("vst_ino", ctypes.c_uint64)', '("vst_ino", ctypes.c_uint32)'))
+    assert old in p.read_text()
+    p.write_text(p.read_text().replace(old, new))
     rc, output, report = run_gate(tmp_path, "--root", str(root), "--targets", "x86_64-macos")
     assert rc == 1, output
-    assert "ctypes layouts of policies/_macos.py disagree" in output and "vst_ino" in output
+    assert "ctypes layouts of policies/_macos.py disagree" in output and named in output

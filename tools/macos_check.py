@@ -25,10 +25,12 @@ a file missing from the sdist fails the gate; the C is generated with the
 Cython directives ``setup.py`` uses. Every undefined symbol is checked against
 the libSystem exports listed for *its* architecture in the SDK's tbd
 (``arm64`` accepts ``arm64e`` entries: zig's trimmed tbds list only those).
-The ctypes structures of ``policies/_macos.py`` are checked the same way (a
-generated file of ``_Static_assert``\\ s on their sizes and offsets). Not
-covered (only a Mac can): the runtime Python headers (these are the host's
-CPython's), the ctypes function signatures, and behaviour.
+The ctypes side of ``policies/_macos.py`` is checked the same way: a generated
+file of ``_Static_assert``\\ s on its structures' sizes and offsets, and its
+libproc signatures as function pointers initialised from ``<libproc.h>`` (at
+macOS 11.0, so availability too). Not covered (only a Mac can): the runtime
+Python headers (these are the host's CPython's), the Security.framework and
+CoreFoundation signatures (zig ships no headers for them), and behaviour.
 
 Results go to ``.macos-check/`` (``report.json`` + the two ``.so`` files).
 Exit status 0 when every check passes, 1 otherwise, 2 when ziglang cannot be
@@ -283,14 +285,22 @@ def probe_ctypes_layouts(out: Path, root: Path, target: str) -> int:
          base + vip.vi_stat.offset + mod.VinfoStat.vst_ino.offset),
         ("offsetof(struct proc_regionwithpathinfo, prp_vip.vip_path)", base + vip.vip_path.offset),
     ]
+    ctype = {ct.c_int: "int", ct.c_uint32: "uint32_t", ct.c_uint64: "uint64_t", ct.c_void_p: "void *",
+             ct.POINTER(mod.AuditToken): "audit_token_t *"}
+    signatures = [
+        f"{ctype[res]} (*const check_{name})({', '.join(ctype[a] for a in args)}) = {name};\n"
+        for name, (res, args) in mod.LIBPROC_SIGNATURES.items()
+    ]
     probe = out / "ctypes_layout_probe.c"
-    probe.write_text("#include <stddef.h>\n#include <sys/param.h>\n#include <mach/vm_prot.h>\n#include <bsm/audit.h>\n"
-                     "#include <libproc.h>\n#include <sys/proc_info.h>\n"
-                     + "".join(f'_Static_assert({c} == {v}, "policies/_macos.py: {c} == {v}");\n' for c, v in checks))
-    r = run(zig_cc(target, "-c", "-o", str(out / f"ctypes_layout_probe_{target}.o"), str(probe)))
+    probe.write_text("#include <stddef.h>\n#include <stdint.h>\n#include <sys/param.h>\n#include <mach/vm_prot.h>\n"
+                     "#include <bsm/audit.h>\n#include <libproc.h>\n#include <sys/proc_info.h>\n"
+                     + "".join(f'_Static_assert({c} == {v}, "policies/_macos.py: {c} == {v}");\n' for c, v in checks)
+                     + "".join(signatures))
+    r = run(zig_cc(target, "-c", "-Werror=incompatible-function-pointer-types", "-Werror=incompatible-pointer-types",
+                   *AVAILABILITY, "-o", str(out / f"ctypes_layout_probe_{target}.o"), str(probe)))
     if r.returncode != 0:
         raise GateError(f"{target}: the ctypes layouts of policies/_macos.py disagree with the SDK:\n{_tail(r.stderr)}")
-    return len(checks)
+    return len(checks) + len(signatures)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_availability(out)
         for target in args.targets:
             report["ctypes_asserts"] = probe_ctypes_layouts(out, args.root.resolve(), target)
-        log(f"{report['ctypes_asserts']} layouts of policies/_macos.py's ctypes structures match the SDK")
+        log(f"{report['ctypes_asserts']} ctypes layouts and libproc signatures of policies/_macos.py match the SDK")
         log(f"built for macOS {MIN_MACOS} with {' '.join(AVAILABILITY)}; an 11.0 API for 10.15 is rejected")
         report["static_asserts"] = _count_asserts(args.src / "_mach_layout.h")
         log(f"{report['static_asserts']} _Static_asserts on SDK layouts hold; a false one is rejected")
