@@ -41,6 +41,7 @@ __all__ = [
     "unit_of",
     "valid_unit_name",
     "normalize",
+    "mount_of",
 ]
 
 #: The hierarchy systemd tracks units in on v1/hybrid hosts.
@@ -156,3 +157,27 @@ def unit_of(path: str) -> Optional[str]:
         if inner is not None:
             return f"{unit}/{inner[1]}"
     return unit
+
+
+def mount_of(hierarchy: str, mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """Where the whole of ``hierarchy`` (:data:`SYSTEMD_HIERARCHY` or :data:`V2_HIERARCHY`) is mounted, or None.
+
+    Only a mount of the hierarchy's root counts (``/`` in mountinfo's root
+    field), not a bind mount of a subtree.
+    """
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        fields, rest = pre.split(), post.split()
+        if len(fields) < 5 or len(rest) < 3 or fields[3] != "/":
+            continue
+        fstype, options = rest[0], rest[2].split(",")
+        if hierarchy == V2_HIERARCHY and fstype == "cgroup2":
+            return fields[4]
+        if hierarchy == SYSTEMD_HIERARCHY and fstype == "cgroup" and SYSTEMD_HIERARCHY in options:
+            return fields[4]
+    return None

@@ -11,10 +11,12 @@
    later ``pread`` at offset 0 reads that very process afresh, and fails with
    ``ESRCH`` once it has exited; a reused pid can never answer.
 
-A re-read costs one ``pread`` (no open, no separate liveness check); the
-decision cache does one per lookup for policies that look at these
-attributes, because a process can move between cgroups (within a subtree
-delegated to it) and change label (exec transitions) without changing pid.
+A re-read costs one ``pread`` (no open, no separate liveness check). A
+process can move between cgroups (within a subtree delegated to it) and
+change label (exec transitions) without changing pid, so the decision cache
+checks them per lookup: the label with a ``pread``, the cgroup with one
+``poll`` of :mod:`machipc.cgroupwatch` while nothing could have moved any
+process since it was read, else a ``pread``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 from typing import Optional
 
 from . import cgroup as _cg
+from . import cgroupwatch as _watch
 from . import seclabel
 
 __all__ = ["ProcessIdentity", "NO_LABEL", "UNKNOWN_GONE"]
@@ -76,7 +79,7 @@ class ProcessIdentity:
     this very process; ``unknown_reason`` then says why.
     """
 
-    __slots__ = ("_cgroup_file", "_cgroup", "_label_file", "_label", "socket_label")
+    __slots__ = ("_cgroup_file", "_cgroup", "_cgroup_gen", "_label_file", "_label", "socket_label")
 
     def _init_identity(self) -> None:
         #: ``SO_PEERSEC`` of the socket this Peer came from (:func:`machipc.peer_of`), or None:
@@ -85,6 +88,8 @@ class ProcessIdentity:
         self.socket_label: Optional[str] = None
         self._cgroup_file: Optional[_Pinned] = None
         self._cgroup: Optional[tuple[str, str]] = None  # (hierarchy, path)
+        # (watcher, its generation before the read that gave _cgroup), or None: no watcher
+        self._cgroup_gen: Optional[tuple[_watch.Watcher, int]] = None
         self._label_file: Optional[_Pinned] = None
         self._label: Optional[str] = None
 
@@ -93,6 +98,7 @@ class ProcessIdentity:
             if f is not None:
                 f.close()
         self._cgroup_file = self._label_file = None
+        self._cgroup_gen = None  # no file, no fast path: the next read says why
 
     def _open_pinned(self, name: str) -> Optional[_Pinned]:
         if not _LINUX:
@@ -143,25 +149,42 @@ class ProcessIdentity:
     # -- cgroup ------------------------------------------------------------------
 
     def refresh_cgroup(self) -> Optional[str]:
-        """The cgroup path of the pinned process now (one ``pread``), or None when unknown.
+        """The cgroup path of the pinned process now, or None when unknown.
+
+        Costs one ``poll`` while nothing could have moved any process since it
+        was read (:mod:`machipc.cgroupwatch`), else one ``pread``. It does not
+        ask whether the process still lives: what it gives belongs to the
+        pinned process, never to a later one with its pid.
 
         The path is the ``name=systemd`` line on v1/hybrid hosts, else the
         cgroup v2 line, relative to the server's own cgroup namespace (see
         :mod:`machipc.cgroup`).
         """
-        same = self.running_cgroup()  # the per-packet path: unchanged?
+        watched = self._cgroup_gen  # the per-packet path: nothing moved anybody? (Watcher.unchanged, inlined)
+        if watched is not None:
+            w = watched[0]
+            if w._pending(0):
+                w._drain()
+            elif w.generation == watched[1] and self._cgroup is not None:
+                return self._cgroup[1]
+        same = self.running_cgroup()
         if same is not None:
             return same
+        w, generation = _watch.watcher(), 0
+        if w is not None:
+            generation = w.current()  # before the read: a move after it bumps the generation
         raw = self._read_pinned("_cgroup_file", "cgroup")
         if raw is None:
-            self._cgroup = None
+            self._cgroup = self._cgroup_gen = None
             return None
         f = self._cgroup_file
         if raw != f.raw or self._cgroup is None:  # type: ignore[union-attr]
             f.raw = raw  # type: ignore[union-attr]
             self._cgroup = _cg.tracked_path(raw.decode("utf-8", "surrogateescape"))
             if self._cgroup is None:
+                self._cgroup_gen = None
                 return self._unknown(f"unknown: /proc/{self.pid}/cgroup has neither a name=systemd nor a cgroup v2 line")
+        self._cgroup_gen = None if w is None else (w, generation)
         return self._cgroup[1]
 
     @property
@@ -170,19 +193,32 @@ class ProcessIdentity:
         return None if self._cgroup is None else self._cgroup[1]
 
     def running_cgroup(self) -> Optional[str]:
-        """:attr:`cgroup_snapshot` if the process is still there (one ``pread``), else None.
+        """:attr:`cgroup_snapshot` if the process is still in that cgroup, else None.
 
-        None also when nothing was read yet, the process moved, or it exited;
-        the snapshot itself is left as it was (see :meth:`refresh_cgroup`).
+        One ``poll`` of the :mod:`machipc.cgroupwatch` watcher when nothing
+        could have moved any process since the snapshot was read; otherwise
+        one ``pread`` (None also when it fails: the process exited). None when
+        nothing was read yet. The snapshot itself is left as it was (see
+        :meth:`refresh_cgroup`).
         """
         f = self._cgroup_file
         if f is None or self._cgroup is None:
             return None
+        watched = self._cgroup_gen
+        if watched is not None:
+            w = watched[0]
+            if w.unchanged(watched[1]):
+                return self._cgroup[1]
+            generation = w.current()
         try:
             raw = os.pread(f.fd, _READ_MAX, 0)
         except OSError:
             return None
-        return self._cgroup[1] if raw == f.raw else None
+        if raw != f.raw:
+            return None
+        if watched is not None:
+            self._cgroup_gen = (w, generation) if w.broken is None else None
+        return self._cgroup[1]
 
     @property
     def cgroup(self) -> Optional[str]:

@@ -213,8 +213,17 @@ def test_exited_process_reads_as_gone():
     assert p.cgroup is None and p.unknown_reason.startswith("unknown: the sender exited")
 
 
+@pytest.fixture
+def without_watcher(monkeypatch):
+    """Cgroup moves checked by re-reading /proc/PID/cgroup, as where no watcher can see every move."""
+    from machipc import cgroupwatch
+
+    monkeypatch.setattr(cgroupwatch, "_watcher", None)
+    monkeypatch.setattr(cgroupwatch, "_watcher_tried", True)
+
+
 @linux
-def test_held_file_sees_exit_not_a_reused_pid():
+def test_held_file_sees_exit_not_a_reused_pid(without_watcher):
     """Once open, the cgroup file answers for its own process only: ESRCH after it exits."""
     r, w = os.pipe()
     pid = os.fork()
@@ -225,6 +234,7 @@ def test_held_file_sees_exit_not_a_reused_pid():
     assert p.refresh_cgroup() is not None
     os.write(w, b"x")
     os.waitpid(pid, 0)
+    assert p.running_cgroup() is None
     assert p.refresh_cgroup() is None and p.unknown_reason.startswith("unknown: the sender exited")
     os.close(r)
     os.close(w)
@@ -249,3 +259,37 @@ def test_peer_of_records_so_peersec():
         else:
             assert p.socket_label == own
         p.close()
+
+
+@linux
+def test_cgroup_watcher_is_not_shared_with_a_forked_child():
+    """A child shares the inotify queue: its inherited watcher stops vouching, and it gets its own."""
+    from machipc import cgroupwatch
+
+    parent = cgroupwatch.watcher()
+    if parent is None:
+        pytest.skip("no cgroup watcher here (not in the initial cgroup namespace, or the hierarchy is not mounted)")
+    g = parent.current()
+    pid = os.fork()
+    if pid == 0:
+        ok = parent.broken is not None and not parent.unchanged(g) and parent.unchanged(-1) is False
+        own = cgroupwatch.watcher()
+        os._exit(0 if ok and own is not None and own is not parent else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert parent.broken is None  # the parent's own watcher goes on
+
+
+def test_mount_of(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+        "40 31 0:37 /sub /mnt/sub rw - cgroup cgroup rw,name=systemd\n"
+        "41 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd\n"
+        "42 31 0:38 / /sys/fs/cgroup/unified rw shared:9 - cgroup2 cgroup2 rw\n"
+    )
+    assert cg.mount_of(cg.SYSTEMD_HIERARCHY, str(info)) == "/sys/fs/cgroup/systemd"  # not the subtree bind mount
+    assert cg.mount_of(cg.V2_HIERARCHY, str(info)) == "/sys/fs/cgroup/unified"
+    info.write_text("40 31 0:37 /sub /mnt/sub rw - cgroup cgroup rw,name=systemd\n")
+    assert cg.mount_of(cg.SYSTEMD_HIERARCHY, str(info)) is None
+    assert cg.mount_of(cg.V2_HIERARCHY, str(tmp_path / "missing")) is None

@@ -31,20 +31,6 @@ from conftest import python_client
 NOBODY = 65534
 
 
-def _cgroup_mounts() -> dict[str, tuple[str, str]]:
-    """Hierarchy ("name=systemd" or "" for v2) -> (mount point, root inside the hierarchy)."""
-    found: dict[str, tuple[str, str]] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fields, (fstype, _source, opts) = pre.split(), post.split()[:3]
-            if fstype == "cgroup2":
-                found.setdefault(cg.V2_HIERARCHY, (fields[4], fields[3]))
-            elif fstype == "cgroup" and cg.SYSTEMD_HIERARCHY in opts.split(","):
-                found.setdefault(cg.SYSTEMD_HIERARCHY, (fields[4], fields[3]))
-    return found
-
-
 class Tree:
     """Test cgroups under one top slice, in every hierarchy used; removed by ``cleanup``."""
 
@@ -55,18 +41,15 @@ class Tree:
             pytest.skip("making cgroups and placing processes in them needs root")
         with open("/proc/self/cgroup") as f:
             tracked = cg.tracked_path(f.read())
-        mounts = _cgroup_mounts()
-        if tracked is None or tracked[0] not in mounts:
-            pytest.skip(f"the hierarchy units are read from ({tracked}) is not mounted here")
+        if tracked is None or cg.mount_of(tracked[0]) is None:
+            pytest.skip(f"the root of the hierarchy units are read from ({tracked}) is not mounted here")
         hierarchies = [tracked[0]]
-        if tracked[0] == cg.SYSTEMD_HIERARCHY and cg.V2_HIERARCHY in mounts:
+        if tracked[0] == cg.SYSTEMD_HIERARCHY and cg.mount_of(cg.V2_HIERARCHY) is not None:
             hierarchies.append(cg.V2_HIERARCHY)  # hybrid host: systemd keeps both in step
         self.top = f"/machipc-test-{os.getpid()}.slice"
         self.roots: list[str] = []
         for h in hierarchies:
-            mountpoint, root = mounts[h]
-            if root != "/":
-                pytest.skip(f"the {h or 'cgroup v2'} hierarchy is mounted from {root!r}, not its root")
+            mountpoint = cg.mount_of(h)
             try:
                 os.mkdir(mountpoint + self.top)
             except OSError as exc:
@@ -114,6 +97,19 @@ def tree():
     t.make("/system.slice/test-deleg.service/b", owner=NOBODY)
     yield t
     t.cleanup()
+
+
+@pytest.fixture(params=["watched", "reread"])
+def moves(request, monkeypatch):
+    """How the server notices cgroup moves: the inotify watcher, or re-reading /proc/PID/cgroup."""
+    from machipc import cgroupwatch
+
+    if request.param == "reread":
+        monkeypatch.setattr(cgroupwatch, "_watcher", None)
+        monkeypatch.setattr(cgroupwatch, "_watcher_tried", True)
+    elif cgroupwatch.watcher() is None:
+        pytest.skip("no cgroup watcher here (not in the initial cgroup namespace, or the hierarchy is not mounted)")
+    return request.param
 
 
 @pytest.fixture
@@ -209,7 +205,7 @@ print(json.dumps(out))
 """
 
 
-def test_delegated_subtree_move_is_redecided_and_cannot_escape(tree, serve, public_sockdir, impl, caplog):
+def test_delegated_subtree_move_is_redecided_and_cannot_escape(tree, moves, serve, public_sockdir, impl, caplog):
     """uid 65534 owns test-deleg.service: it may move itself between a and b, never into test-allowed.service.
 
     Each move happens on the open connection; the server re-reads the cgroup
@@ -361,7 +357,7 @@ except machipc.Rejected:
 """
 
 
-def test_user_naming_its_own_subcgroup_like_a_system_unit(tree, serve, public_sockdir, impl, caplog):
+def test_user_naming_its_own_subcgroup_like_a_system_unit(tree, moves, serve, public_sockdir, impl, caplog):
     """Inside its own user@UID.service subtree a user may make system.slice/test-allowed.service; it stays the user's."""
     caplog.set_level(logging.WARNING, "machipc")
     manager = "/user.slice/user-65534.slice/user@65534.service"
@@ -379,3 +375,40 @@ def test_user_naming_its_own_subcgroup_like_a_system_unit(tree, serve, public_so
     assert json.loads(done.stdout) == ["rejected"]
     assert "unit 'user@65534.service/test-allowed.service' is not test-allowed.service" in caplog.text
     assert units == []
+
+
+def test_watcher_sees_every_way_to_move(tree):
+    """A write to cgroup.procs, a mkdir (even nested, before it is watched) and a v1 rename all bump the generation."""
+    from machipc import cgroupwatch
+
+    w = cgroupwatch.watcher()
+    if w is None:
+        pytest.skip("no cgroup watcher here (not in the initial cgroup namespace, or the hierarchy is not mounted)")
+    tracked = [r for r in tree.roots if os.path.realpath(r) == os.path.realpath(w.root)]
+    if not tracked:
+        pytest.skip(f"the watcher watches {w.root}, not one of the test's hierarchies {tree.roots}")
+    root = tracked[0] + tree.top
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        g = w.current()
+        assert w.unchanged(g) and w.unchanged(g)
+        with open(os.path.join(root, "system.slice", "test-other.service", "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        assert not w.unchanged(g)
+        g = w.current()
+        os.makedirs(os.path.join(root, "system.slice", "test-w.service", "inner"))
+        with open(os.path.join(root, "system.slice", "test-w.service", "inner", "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))  # into a directory no watch existed for
+        assert not w.unchanged(g)
+        g = w.current()
+        assert w.unchanged(g)
+        with open(os.path.join(root, "system.slice", "test-w.service", "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))  # the new directories are watched now
+        assert not w.unchanged(g)
+        if os.path.realpath(w.root) == os.path.realpath(cg.mount_of(cg.SYSTEMD_HIERARCHY) or ""):
+            g = w.current()
+            os.rename(os.path.join(root, "system.slice", "test-w.service", "inner"), os.path.join(root, "system.slice", "test-w.service", "renamed"))
+            assert not w.unchanged(g)  # v1 renames change paths without a write
+    finally:
+        sleeper.kill()
+        sleeper.wait()
