@@ -34,6 +34,7 @@ import logging
 import os
 import select
 import struct
+import sys
 import threading
 from typing import Optional
 
@@ -177,6 +178,8 @@ def watcher() -> Optional[Watcher]:
 
 
 def _make() -> Optional[Watcher]:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         if os.stat("/proc/self/ns/cgroup").st_ino != _INIT_CGROUP_NS:
             return None  # paths and mounts are a subtree: moves outside it would go unseen
