@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 import machipc
 from machipc import cgroup as cg
 from machipc import seclabel
-from machipc.policies import Cgroup, SecurityLabel, SystemdUnit
+from machipc.policies import Cgroup, SecurityLabel, SystemdUnit, loads
 
 from conftest import python_client
 
@@ -412,3 +413,26 @@ def test_watcher_sees_every_way_to_move(tree):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def _daemons_md_example(lang: str) -> str:
+    """The recommended set-up's policy example in docs/daemons.md (an indented block under step 3)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "daemons.md")) as f:
+        text = f.read()
+    blocks = re.findall(rf"^( *)```{lang}\n(.*?)^\1```", text, re.S | re.M)
+    found = [textwrap.dedent(body) for _indent, body in blocks if "backup.service" in body]
+    assert len(found) == 1, f"docs/daemons.md: {len(found)} {lang} blocks name backup.service"
+    return found[0]
+
+
+def test_recommended_setup_example_means_what_it_says(tree, serve, public_sockdir, impl):
+    """docs/daemons.md: the client unit, run as its own user, is allowed; that user elsewhere, or root in the unit, is not."""
+    text = _daemons_md_example("toml").replace("backup.service", "test-allowed.service").replace("998", str(NOBODY))
+    serve(policy=loads(text))
+    argv = python_client(public_sockdir, impl, REQUEST)
+    assert run_in(tree, "/system.slice/test-allowed.service", argv, user=NOBODY).stdout.split() == ["reply", "echo:hi"]
+    assert run_in(tree, "/system.slice/test-other.service", argv, user=NOBODY).stdout.split() == ["rejected"]
+    assert run_in(tree, "/system.slice/test-allowed.service", argv).stdout.split() == ["rejected"]  # root, not the unit's user
+    code = _daemons_md_example("python")
+    assert 'SystemdUnit("backup.service") & Allowlist(uids=[pwd.getpwnam("backup").pw_uid])' in code
