@@ -6,7 +6,7 @@
 * liveness: ``pidfd_send_signal(pidfd, 0)``, what the transport spends per
   packet to keep a connection's sender pinned;
 * unit policy: a process can move between cgroups without changing pid, so
-  the path joins the key; it is confirmed with one ``poll`` of the cgroup
+  the path joins the key; it is confirmed with one ``epoll_wait`` on the cgroup
   watcher (machipc.cgroupwatch: nothing moved anybody since it was read),
   then the same lookup;
 * the bare ``pread`` of the held ``/proc/PID/cgroup``, what each lookup would

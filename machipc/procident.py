@@ -15,7 +15,7 @@ A re-read costs one ``pread`` (no open, no separate liveness check). A
 process can move between cgroups (within a subtree delegated to it) and
 change label (exec transitions) without changing pid, so the decision cache
 checks them per lookup: the label with a ``pread``, the cgroup with one
-``poll`` of :mod:`machipc.cgroupwatch` while nothing could have moved any
+``epoll_wait`` of :mod:`machipc.cgroupwatch` while nothing could have moved any
 process since it was read, else a ``pread``.
 """
 
@@ -151,7 +151,7 @@ class ProcessIdentity:
     def refresh_cgroup(self) -> Optional[str]:
         """The cgroup path of the pinned process now, or None when unknown.
 
-        Costs one ``poll`` while nothing could have moved any process since it
+        Costs one ``epoll_wait`` while nothing could have moved any process since it
         was read (:mod:`machipc.cgroupwatch`), else one ``pread``. It does not
         ask whether the process still lives: what it gives belongs to the
         pinned process, never to a later one with its pid.
@@ -195,7 +195,7 @@ class ProcessIdentity:
     def running_cgroup(self) -> Optional[str]:
         """:attr:`cgroup_snapshot` if the process is still in that cgroup, else None.
 
-        One ``poll`` of the :mod:`machipc.cgroupwatch` watcher when nothing
+        One ``epoll_wait`` of the :mod:`machipc.cgroupwatch` watcher when nothing
         could have moved any process since the snapshot was read; otherwise
         one ``pread`` (None also when it fails: the process exited). None when
         nothing was read yet. The snapshot itself is left as it was (see

@@ -13,7 +13,7 @@ the executable's ``(dev, inode)``, read afresh and race-free on every lookup,
 joins the key: on Linux ``execve()`` keeps the pid and the pidfd, and a
 decision about the old program must not be reused for the new one. Likewise
 the cgroup path (for policies that look at the cgroup or systemd unit; one
-``poll`` of :mod:`machipc.cgroupwatch`, or a ``pread`` of a held
+``epoll_wait`` of :mod:`machipc.cgroupwatch`, or a ``pread`` of a held
 ``/proc/PID/cgroup``) and the LSM label: a process can
 move within a delegated cgroup subtree, or change label, without exec.
 
