@@ -28,7 +28,7 @@ from .naming import container_advice, find_sockets
 from .peer import Peer, peer_of
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .unix import deadline_of, remaining
-from . import arena, connecting, payload
+from . import arena, connecting, forking, payload
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, Limits, unpack_error
 
 __all__ = ["Client", "Buffer"]
@@ -145,25 +145,58 @@ class Client:
         self._explicit_server_policy = server_policy is not None
         self.server_peer: Optional[Peer] = None
         self.timeout = timeout
+        self._where = (directory, impl, self.timeout if connect_timeout is _DEFAULT else connect_timeout, arenas)
+        self._ids = itertools.count(1)
+        self._closed = False  # close() was called
+        self._open()
+
+    def _open(self) -> None:
+        """Connect, with fresh per-connection state (at init, and in a fork()ed child)."""
+        directory, impl, connect_timeout, arenas = self._where
         if sys.platform == "darwin":
             from . import mach  # Mach backend: the name is a bootstrap (launchd) name
 
-            self.path = name
+            self.path = self.name
             self.implementation: str = mach.IMPLEMENTATION
-            self._conn = mach.client_conn(name, timeout)
+            self._conn = mach.client_conn(self.name, self.timeout)
         else:
             mod = _backend.transport(impl)
             self.implementation = mod.IMPLEMENTATION
             self.path = ""  #: the socket connected to (machipc.naming's lookup order)
-            self._conn = mod.Conn(self._connect(directory, self.timeout if connect_timeout is _DEFAULT else connect_timeout), False, False)
-            self._conn.max_payload = max_size
+            self._conn = mod.Conn(self._connect(directory, connect_timeout), False, False)
+            self._conn.max_payload = self.max_size
         #: Large payloads go through a reused arena (machipc/arena.py); None: sealed memfds only.
         self._arenas = arena.ArenaSender() if arenas and hasattr(self._conn, "send_fd") else None
-        self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._recv_lock = threading.Lock()
         self._dead: Optional[IPCError] = None
-        self._closed = False  # close() was called
+        self._fork_generation = forking.generation
+
+    def _forget_inherited(self) -> None:
+        """In a fork()ed child: let go of the parent's connection without touching it.
+
+        No shutdown (that would end the parent's connection too) and no lock (a
+        parent thread may have held one at fork): dropping the last reference
+        closes the child's copy of the fd; the arena's mapping is the parent's
+        ring, so it is unmapped here, never written.
+        """
+        self._fork_generation = forking.generation
+        self._conn = None
+        inherited = self._arenas.arena if self._arenas is not None else None
+        self._arenas = None
+        if inherited is not None:
+            try:
+                inherited.close()
+            except (BufferError, OSError):
+                pass
+        if self.server_peer is not None:
+            self.server_peer.close()
+
+    def _reconnect_after_fork(self) -> None:
+        """First use in a fork()ed child: a connection of its own (see machipc.forking)."""
+        self._forget_inherited()
+        log.debug("client of %r used in a fork()ed child (pid %d): connecting anew", self.name, os.getpid())
+        self._open()
 
     def _connect(self, directory: Optional[str], connect_timeout: Optional[float]) -> socket.socket:
         """Connect to the first live socket for the name (see machipc.naming for the order)."""
@@ -225,6 +258,8 @@ class Client:
         return getattr(self._conn, "peer_limits", None)
 
     def _check(self, data: Buffer) -> None:
+        if self._fork_generation != forking.generation and not self._closed:
+            self._reconnect_after_fork()
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
         self._check_size(len(data) if type(data) is bytes else payload.size_of(data))
@@ -261,6 +296,8 @@ class Client:
         stream go out as memfds in their place, so order is kept.
         """
         timeout = self._timeout(timeout)
+        if self._fork_generation != forking.generation and not self._closed:
+            self._reconnect_after_fork()
         send_many = getattr(self._conn, "send_many", None)
         batch: list = []
         sent = 0
@@ -372,6 +409,10 @@ class Client:
         and every later call raise PeerGone saying the client was closed.
         """
         self._closed = True
+        if self._fork_generation != forking.generation:  # the connection is the parent's
+            self._forget_inherited()
+            self._dead = PeerGone(f"the client was closed (service {self.name!r})")
+            return
         if self._dead is None:
             self._dead = PeerGone(f"the client was closed (service {self.name!r})")
         self._conn.shutdown()  # wakes any thread blocked on it (they see EOF or PeerGone)

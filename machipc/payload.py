@@ -29,7 +29,7 @@ from typing import Optional, Union
 
 from ._closer import close_received
 from .args import int_arg
-from .errors import InvalidArgument, MessageTooLarge
+from .errors import InvalidArgument, MessageTooLarge, error_from_errno
 from .wire import INLINE_MAX, Drop
 
 __all__ = ["MAX_PAYLOAD", "REQUIRED_SEALS", "LoanBuffer", "loan", "sealed_memfd", "map_sealed", "size_of", "prepare", "send"]
@@ -72,8 +72,20 @@ class LoanBuffer(mmap.mmap):
             self.fd, self.sent = fd, False
             raise InvalidArgument("release every memoryview of the loaned buffer before sending it") from None
         # F_SEAL_WRITE fails while a writable shared mapping exists: the close above matters.
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
-        return fd
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+            return fd
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                os.close(fd)
+                raise error_from_errno(exc.errno, "sealing a loaned buffer") from None
+        # EBUSY: another process still maps it writable -- a fork()ed child inherited
+        # the mapping (mm/memfd.c: memfd_wait_for_pins / mapping_writably_mapped).
+        # Its bytes can still change, so they are sent as a sealed copy instead.
+        try:
+            return _sealed_copy(fd)
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         """Free the buffer without sending it (idempotent)."""
@@ -110,6 +122,24 @@ def loan(size: int, limit: int = MAX_PAYLOAD) -> LoanBuffer:
         raise
     buf.fd = fd
     return buf
+
+
+def _sealed_copy(fd: int) -> int:
+    """A new sealed memfd holding the bytes of ``fd`` (copied in the kernel)."""
+    size = os.fstat(fd).st_size
+    copy = os.memfd_create("machipc-payload", _MEMFD_FLAGS)
+    try:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(fd, copy, size - done, done, done)
+            if n == 0:
+                raise OSError(errno.EIO, "short copy")
+            done += n
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+    except BaseException:
+        os.close(copy)
+        raise
+    return copy
 
 
 def sealed_memfd(data: Union[bytes, bytearray, memoryview]) -> int:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from . import _backend, activation, connecting, cooldown, outbox
+from . import _backend, activation, connecting, cooldown, forking, outbox
 from .args import int_arg, timeout_arg
 from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, UnreadReplies, error_from_errno
 from ._printable import printable
@@ -118,6 +118,8 @@ class Server:
         self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
         self._closed = False
         self._stop_serving = False
+        self._owner = os.getpid()  # the process that made it (see _check_not_forked)
+        self._fork_generation = forking.generation
         self._recv_lock = threading.Lock()
         self._receiver: Optional[int] = None  # thread ident inside receive()
         if sys.platform == "darwin":
@@ -284,7 +286,17 @@ class Server:
         int_arg(max_count, "max_count", 1)
         return self._receive(timeout, max_count)
 
+    def _check_not_forked(self) -> None:
+        """A fork()ed child shares the parent's listener and connections: serving from
+        both would split clients' messages between them, so the child may not."""
+        if self._fork_generation != forking.generation:
+            raise ServerClosed(
+                f"this Server of {self.name!r} belongs to pid {self._owner}; a fork()ed child cannot "
+                "receive on it (make a Server in the child, or fork before making it)"
+            )
+
     def _receive(self, timeout: Optional[float], max_count: int) -> list[Message]:
+        self._check_not_forked()
         deadline = deadline_of(timeout)
         batch: list[Message] = []
         with self._recv_lock:
@@ -449,6 +461,7 @@ class Server:
         Under systemd, READY=1 and STOPPING=1 go to ``$NOTIFY_SOCKET``.
         """
         drain_timeout = timeout_arg(drain_timeout, "drain_timeout")
+        self._check_not_forked()
         self._stop_serving = False
         restore = self._install_signal_handlers()
         pool = None
@@ -655,7 +668,7 @@ class Server:
         """Make a running ``serve`` return (safe from signal handlers and other threads)."""
         self._stop_serving = True
         transport = self._transport
-        if transport is not None:
+        if transport is not None and self._fork_generation == forking.generation:
             transport.wakeup()
 
     # -- shutdown ------------------------------------------------------------
@@ -664,11 +677,19 @@ class Server:
         """Stop listening, disconnect clients and remove the socket file.
 
         Safe from any thread, and idempotent. A thread blocked in ``receive``
-        wakes up with ServerClosed.
+        wakes up with ServerClosed. In a fork()ed child it only lets go of the
+        inherited fds: the parent's server, socket file and clients are untouched.
         """
         if self._closed:
             return
         self._closed = True
+        if self._fork_generation != forking.generation:
+            # In a fork()ed child: the listener, the socket file and the connections are
+            # the parent's. Dropping the references closes the child's copies of the fds,
+            # with no shutdown and no unlink (and no lock: a parent thread may have held it).
+            self._transport, self._inode = None, None
+            self._peers.clear()
+            return
         transport = self._transport
         if transport is not None:
             transport.wakeup()

@@ -96,15 +96,15 @@ def run_child(op: str, impl: str, sockdir: str, mode: str, signum: int) -> str:
     try:
         assert child.stdout.readline().strip() == "ready", child.stdout.read()
         deadline = time.monotonic() + 60
-        out = ""
         while child.poll() is None and time.monotonic() < deadline:
             child.send_signal(signum)
             try:
-                out, _ = child.communicate(timeout=0.3)
+                child.wait(timeout=0.3)
             except subprocess.TimeoutExpired:
                 continue
         assert child.poll() is not None, f"{op} ignored the signal"
-        return out.strip() or child.stderr.read().strip()
+        out, _ = child.communicate()  # what it wrote since the last timed-out wait, too
+        return out.strip()
     finally:
         if child.poll() is None:
             child.kill()
@@ -180,13 +180,13 @@ def test_second_sigint_ends_graceful_stop_at_once(how, impl, sockdir):
         assert child.stdout.readline().strip() == "handling"
         child.send_signal(signal.SIGINT)  # graceful: waits for the 60 s handler
         deadline = time.monotonic() + 30
-        out = ""
         while child.poll() is None and time.monotonic() < deadline:
             try:
-                out, _ = child.communicate(timeout=0.5)
+                child.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 child.send_signal(signal.SIGINT)  # the second Ctrl-C
         assert child.poll() is not None, "a second SIGINT did not end the graceful stop"
+        out, _ = child.communicate()
         assert out.strip().splitlines()[-1] == "KeyboardInterrupt True False", out
     finally:
         if child.poll() is None:
