@@ -75,16 +75,27 @@ class Watcher:
         self._watch_tree(root)
 
     def _watch_tree(self, top: str) -> None:
-        for dirpath, _dirs, _files in os.walk(top):
+        for dirpath, _dirs, _files in os.walk(top, onerror=self._unlisted):
             wd = self._libc.inotify_add_watch(self.fd, os.fsencode(dirpath), _MASK)
             if wd < 0:
                 err = ctypes.get_errno()
                 if err == errno.ENOENT:
                     continue  # removed meanwhile: an empty cgroup, nobody to move
-                self.broken = f"cannot watch {dirpath}: {os.strerror(err)}"
-                log.info("cgroup moves are checked by re-reading /proc/PID/cgroup: %s", self.broken)
+                self._break(f"cannot watch {dirpath}: {os.strerror(err)}")
                 return
             self._paths[wd] = dirpath
+
+    def _unlisted(self, exc: OSError) -> None:
+        # A directory we cannot list (its owner made it 0700) hides the ones below it.
+        if exc.errno != errno.ENOENT:
+            self._break(f"cannot list {exc.filename}: {exc.strerror}")
+
+    def _break(self, why: str) -> None:
+        """Stop vouching: every later check says "maybe moved", so holders re-read the file."""
+        if self.broken is None:
+            self.broken = why
+            self._pending = _always
+            log.info("cgroup moves are checked by re-reading /proc/PID/cgroup: %s", why)
 
     def current(self) -> int:
         """The generation now (after taking in every queued event): take it *before* reading a cgroup."""
@@ -104,13 +115,8 @@ class Watcher:
         return self.generation == generation
 
     def disown(self, why: str) -> None:
-        """Stop vouching for anything (e.g. in a forked child, which shares the event queue).
-
-        Every later check says "maybe moved", so holders re-read the file.
-        """
-        self.broken = why
-        self._pending = _always
-        self.generation = -1
+        """Stop vouching for anything, and let go of the inotify queue (a forked child shares it)."""
+        self._break(why)
         self._epoll.close()
         try:
             os.close(self.fd)

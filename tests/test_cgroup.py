@@ -293,3 +293,25 @@ def test_mount_of(tmp_path):
     info.write_text("40 31 0:37 /sub /mnt/sub rw - cgroup cgroup rw,name=systemd\n")
     assert cg.mount_of(cg.SYSTEMD_HIERARCHY, str(info)) is None
     assert cg.mount_of(cg.V2_HIERARCHY, str(tmp_path / "missing")) is None
+
+
+@linux
+def test_cgroup_watcher_breaks_on_a_directory_it_cannot_list(tmp_path, monkeypatch):
+    """A subtree hidden from the server would hide moves: the watcher stops vouching instead."""
+    from machipc import cgroupwatch
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    w = cgroupwatch.Watcher(str(tmp_path))
+    g = w.current()
+    assert w.broken is None and w.unchanged(g)
+    real_walk = os.walk
+
+    def walk(top, onerror=None):
+        onerror(PermissionError(13, "Permission denied", os.path.join(top, "hidden")))
+        return real_walk(top, onerror=onerror)
+
+    monkeypatch.setattr(os, "walk", walk)
+    (tmp_path / "c").mkdir()  # a new directory: the watcher walks it, and fails
+    assert not w.unchanged(g)
+    assert w.broken and "cannot list" in w.broken
+    assert not w.unchanged(w.current())  # never vouches again
