@@ -47,7 +47,7 @@ import os
 import signal
 import weakref
 from collections import deque
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Iterable, Optional, Union
 
 from . import _backend, activation, payload
 from . import client as _client
@@ -516,8 +516,10 @@ class Server:
 class Client:
     """An asyncio connection to the server of service ``name``.
 
-    Arguments as for :class:`machipc.Client`. Connecting to a local socket does
-    not block, except while the server's listen backlog is full (a connect
+    Arguments as for :class:`machipc.Client` (``timeout`` in seconds, None for
+    no limit; ``max_size`` in bytes; ``server_policy``; ``arenas``, accepted for
+    parity: asyncio sends large payloads as sealed memfds, which never make the
+    loop wait for ring space). Connecting to a local socket does not block, except while the server's listen backlog is full (a connect
     flood): then the constructor returns at once and the first ``await``
     (``async with``, ``send``, ``request``) finishes connecting, waiting up to
     ``timeout`` on a thread of the loop's default executor. Many tasks may
@@ -532,10 +534,17 @@ class Client:
         directory: Optional[str] = None,
         impl: Optional[str] = None,
         server_policy: Optional[PolicyLike] = None,
+        max_size: int = payload.MAX_PAYLOAD,
+        arenas: bool = True,
     ) -> None:
         self.name = name
-        self.timeout = timeout
-        self._connect_args = dict(timeout=timeout, directory=directory, impl=impl, server_policy=server_policy)
+        self.timeout = timeout_arg(timeout)
+        #: Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge.
+        self.max_size = int_arg(max_size, "max_size")
+        self._connect_args = dict(
+            timeout=timeout, directory=directory, impl=impl, server_policy=server_policy, max_size=max_size, arenas=False
+        )
+        self.arenas = arenas
         self._connecting: Optional[asyncio.Future] = None
         try:
             self._connected(_client.Client(name, connect_timeout=0, **self._connect_args))
@@ -595,8 +604,8 @@ class Client:
         size = payload.size_of(data)
         if self.sync is not None:  # connected: its limit, and the server's once its HELLO is read
             self.sync._check_size(size)
-        elif size > payload.MAX_PAYLOAD:
-            raise MessageTooLarge(f"payload of {size} bytes is over the {payload.MAX_PAYLOAD}-byte limit")
+        elif size > self.max_size:
+            raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
 
     def _on_readable(self) -> None:
         for _ in range(BATCH):
@@ -634,11 +643,33 @@ class Client:
     def _timeout(self, timeout) -> Optional[float]:
         return self.timeout if timeout is _DEFAULT else timeout
 
+    @property
+    def server_policy(self):
+        """Who may answer (as :attr:`machipc.Client.server_policy`); None until connected."""
+        return None if self.sync is None else self.sync.server_policy
+
+    def buffer(self, size: int) -> payload.LoanBuffer:
+        """A writable ``size``-byte buffer to build a payload in place (as :meth:`machipc.Client.buffer`)."""
+        return payload.loan(size, self.max_size)
+
     async def send(self, data, timeout: Optional[float] = _DEFAULT) -> None:
-        """Send a one-way message; waits (without blocking the loop) while the server's queue is full."""
+        """Send a one-way message; waits (without blocking the loop) while the server's queue is full.
+
+        ``timeout`` in seconds (None: no limit; default the client's). Errors as
+        :meth:`machipc.Client.send`.
+        """
         self._check(data)
         await self._bind()
-        await _send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout))
+        await _send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size)
+
+    async def send_many(self, messages: Iterable, timeout: Optional[float] = _DEFAULT) -> int:
+        """Send one-way messages in order; returns how many. ``timeout`` bounds each wait for queue space."""
+        timeout = self._timeout(timeout)
+        sent = 0
+        for data in messages:
+            await self.send(data, timeout)
+            sent += 1
+        return sent
 
     async def request(self, data, timeout: Optional[float] = _DEFAULT) -> _client.Reply:
         """Send a request and return the reply's payload (errors as :meth:`machipc.Client.request`)."""
@@ -649,7 +680,7 @@ class Client:
         rid = next(self._ids)
         fut = self._pending[rid] = loop.create_future()
         try:
-            await _send(self._conn, Kind.REQUEST, rid, data, timeout)
+            await _send(self._conn, Kind.REQUEST, rid, data, timeout, self.max_size)
             if timeout is None:
                 return await fut
             try:

@@ -39,7 +39,18 @@ Handler = Callable[[Message], Union[bytes, bytearray, memoryview, None]]
 
 @dataclass
 class ServerStats:
-    """Counters of what the server saw. Every packet not handed on is counted."""
+    """Counters of what the server saw (``Server.stats``). Every packet not handed on is counted.
+
+    Fields (all counts since the server was made): ``received`` messages
+    handed on; ``rejected`` refused by the policy, ``unknown`` of those because
+    it could not tell; ``would_reject`` denied but let through
+    (``enforce=False``); ``too_large`` over ``max_size``; ``dropped`` malformed
+    packets by :class:`machipc.wire.Drop` name (``dropped_total`` their sum);
+    ``handler_errors`` handlers that raised or returned no valid reply;
+    ``reply_errors`` replies that could not be delivered; ``unread_replies``
+    clients disconnected for leaving replies unread; ``cooled_down`` packets
+    refused during a uid's cool-down.
+    """
 
     received: int = 0  #: messages handed to the caller / handler
     rejected: int = 0  #: refused by the policy
@@ -79,6 +90,30 @@ class Server:
     ``offender_strikes`` times within ``offender_cooldown`` s is refused for
     ``offender_cooldown`` s (``stats.cooled_down``; machipc.cooldown).
     ``reply_timeout=0`` sends replies now or never (no queue).
+
+    Parameters (all but ``name`` and ``policy`` by keyword):
+
+    * ``name``: the service name (1-100 of ``[A-Za-z0-9._-]``); on Linux the
+      socket goes in the directory :mod:`machipc.naming` gives (``directory``
+      overrides it), on macOS it is a bootstrap name.
+    * ``policy``: a :class:`machipc.Policy` or a callable ``peer -> Decision``
+      (default ``SameUser()``); ``enforce`` (default True).
+    * ``mode``: the socket file's mode (int, default ``0o666``).
+    * ``max_size``: largest payload accepted, bytes (default 64 MiB); larger
+      ones are dropped and counted, a request gets MessageTooLarge.
+    * ``reply_timeout``: seconds a reply may wait for a slow client (float or
+      None for no limit, default 5.0); ``reply_queue_bytes``: bytes, see above.
+    * ``offender_strikes`` (int), ``offender_cooldown`` (seconds).
+    * ``backlog``: the listen backlog (connections, default 128).
+    * ``impl``: ``"c"``, ``"py"`` or None (the default transport).
+    * ``listener``: an already listening AF_UNIX SOCK_SEQPACKET socket to
+      adopt (socket activation does that by itself; see ``from_systemd``).
+
+    Raises InvalidArgument for a bad argument (wrong type or value),
+    ServiceInUse when a live server holds the name, NotPermitted when the
+    runtime directory or an existing socket file is someone else's (or
+    unsafe), and IPCError for other failures of the system calls. ``stats``
+    is a :class:`ServerStats`.
     """
 
     def __init__(

@@ -329,3 +329,37 @@ def test_async_client_learns_the_server_limit_from_its_hello(impl, sockdir, serv
 
     run(main())
     assert srv.stats.too_large == 0
+
+
+def test_client_parity_with_the_threaded_client(impl, sockdir):
+    """aio.Client takes the same arguments and has send_many and buffer."""
+    import inspect
+
+    sync_args = set(inspect.signature(machipc.Client).parameters) - {"connect_timeout"}
+    assert sync_args <= set(inspect.signature(aio.Client).parameters)
+    for method in ("send", "send_many", "request", "buffer", "close"):
+        assert hasattr(aio.Client, method), method
+
+    async def main():
+        async with aio.Server(NAME, directory=sockdir, impl=impl) as srv:
+            got = []
+
+            async def keep(msg):
+                got.append(bytes(msg.data))
+                return bytes(msg.data)[:3]
+
+            serving = asyncio.create_task(srv.serve(keep))
+            async with aio.Client(NAME, directory=sockdir, impl=impl, max_size=1 << 20, arenas=False,
+                                  server_policy=policies.SameUser()) as cli:
+                assert isinstance(cli.server_policy, policies.SameUser)
+                assert await cli.send_many([b"a%d" % i for i in range(100)]) == 100
+                with pytest.raises(machipc.MessageTooLarge):
+                    await cli.send(b"x" * ((1 << 20) + 1))
+                buf = cli.buffer(100_000)
+                buf[:] = b"B" * 100_000
+                assert await cli.request(buf) == b"BBB"
+            srv.stop()
+            await serving
+            assert got[:100] == [b"a%d" % i for i in range(100)]
+
+    run(main())

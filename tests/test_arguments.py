@@ -73,3 +73,23 @@ def test_aio_arguments(serve, sockdir, impl):
             assert await cli.request(b"ok") == b"echo:ok"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("obj", [machipc.Server, machipc.Client, aio.Client, aio.Server, machipc.ServerStats])
+def test_help_shows_no_object_addresses(obj):
+    import pydoc
+
+    text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
+    assert " object at 0x" not in text
+
+
+def test_server_help_documents_parameters_units_errors_and_stats():
+    import pydoc
+
+    text = pydoc.render_doc(machipc.Server, renderer=pydoc.plaintext)
+    for needed in ("max_size", "bytes", "reply_timeout", "seconds", "backlog", "InvalidArgument", "ServiceInUse",
+                   "NotPermitted", "ServerStats"):
+        assert needed in text, needed
+    stats = pydoc.render_doc(machipc.ServerStats, renderer=pydoc.plaintext)
+    for field in ("received", "rejected", "would_reject", "too_large", "dropped", "handler_errors", "reply_errors"):
+        assert f"``{field}``" in stats, field
