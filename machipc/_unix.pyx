@@ -610,7 +610,9 @@ cdef class Conn:
             close(fd)
 
     cdef _sendmsg(self, msghdr *msg, timeout, size_t size):
-        cdef double deadline = _deadline(timeout)
+        self._sendmsg_until(msg, _deadline(timeout), timeout, size)
+
+    cdef _sendmsg_until(self, msghdr *msg, double deadline, timeout, size_t size):
         cdef int fd = self._enter()
         try:
             self._sendmsg_fd(fd, msg, deadline, timeout, size)
@@ -791,9 +793,36 @@ cdef class Conn:
         except (PeerGone, IPCTimeoutError):
             pass
 
+    def call(self, unsigned long long request_id, payload, timeout):
+        """Client side: send a REQUEST of inline ``payload``, then wait for the next packet.
+
+        One call for a request's whole round trip: ``timeout`` (seconds, None:
+        no limit) bounds the send and the wait together. Returns what ``recv``
+        returns (None when the time ran out); as a rule the reply to this
+        request, but the caller matches ``request_id`` (a late reply to an
+        earlier request, or the connection's end, may come first).
+        """
+        cdef double deadline = _deadline(timeout)
+        cdef Py_buffer view
+        cdef uint8_t header[HEADER_SIZE]
+        cdef iovec iov[2]
+        cdef msghdr msg
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            if view.len > INLINE_MAX:
+                raise MessageTooLarge(f"call: {view.len} bytes do not fit inline")
+            _pack_header(header, KIND_REQUEST, request_id, view.len, 0)
+            _packet_msg(&msg, iov, NULL, header, HEADER_SIZE, view.buf, view.len, -1)
+            self._sendmsg_until(&msg, deadline, timeout, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return self._recv_until(deadline)
+
     def recv(self, timeout):
         """Wait up to ``timeout`` for one packet (None on timeout)."""
-        cdef double deadline = _deadline(timeout)
+        return self._recv_until(_deadline(timeout))
+
+    cdef object _recv_until(self, double deadline):
         cdef pollfd pfd
         cdef int ms, rc
         cdef Packet pk

@@ -264,6 +264,16 @@ class Client:
             raise type(self._dead)(*self._dead.args)
         self._check_size(len(data) if type(data) is bytes else payload.size_of(data))
 
+    def _inline(self, data: Buffer) -> bool:
+        """True when ``data`` is bytes that go out inline with no check failing (the hot path)."""
+        if type(data) is not bytes or self._dead is not None or self._fork_generation != forking.generation:
+            return False  # (a fork()ed child's first call reconnects in _check)
+        size = len(data)
+        if size > INLINE_MAX or size > self.max_size:
+            return False
+        limits = getattr(self._conn, "peer_limits", None)
+        return limits is None or size <= limits.max_size
+
     def _check_size(self, size: int) -> None:
         """MessageTooLarge when ``size`` bytes are over ``max_size`` or the server's announced limit."""
         if size > self.max_size:
@@ -283,6 +293,12 @@ class Client:
 
     def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
         """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
+        if self._inline(data):
+            try:
+                self._conn.send(Kind.MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
+            except PeerGone as exc:
+                raise self._gone(exc) from None
+            return
         self._check(data)
         try:
             payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size, self._arenas)
@@ -341,8 +357,10 @@ class Client:
         ``max_size``, InvalidArgument for a payload that is not bytes-like or a
         bad timeout.
         """
-        self._check(data)
         timeout = self._timeout(timeout)
+        if self._inline(data) and self._recv_lock.acquire(blocking=False):
+            return self._call(data, timeout)
+        self._check(data)
         deadline = deadline_of(timeout)
         rid = next(self._ids)
         slot = self._pending[rid] = _Pending()
@@ -356,6 +374,45 @@ class Client:
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]
+
+    def _call(self, data: bytes, timeout: Optional[float]) -> Reply:
+        """A request's round trip in one transport call (``Conn.call``), the receive lock held.
+
+        While we hold the lock no other thread reads, so the reply can only come
+        to us: the request is registered in ``_pending`` only if another packet
+        (a late reply, the connection's end) comes first.
+        """
+        rid = next(self._ids)
+        slot: Optional[_Pending] = None
+        try:
+            try:
+                deadline = deadline_of(timeout)  # InvalidArgument for a bad timeout: the lock is released
+                got = self._conn.call(rid, data, timeout)
+                while True:
+                    if got is None:
+                        raise IPCTimeoutError(f"no reply from {self.name!r} within {timeout} s")
+                    decoded = decode_reply(self.name, got, self.server_policy)
+                    if decoded[0] == rid:
+                        if decoded[2] is not None:
+                            raise decoded[2]
+                        return decoded[1]  # type: ignore[return-value]
+                    if slot is None:
+                        slot = self._pending[rid] = _Pending()
+                    self._finish(decoded)
+                    if slot.done:
+                        if slot.error is not None:
+                            raise slot.error
+                        return slot.result  # type: ignore[return-value]
+                    got = self._conn.recv(remaining(deadline))
+            except PeerGone as exc:
+                raise self._gone(exc) from None
+        finally:
+            if slot is not None:
+                self._pending.pop(rid, None)
+            self._recv_lock.release()
+            self._wake_followers()
+            if self._closed:  # close() came while we were reading: release the socket now
+                self._release()
 
     def _wait(self, slot: _Pending, deadline: Optional[float], timeout: Optional[float]) -> None:
         """Leader/follower: whoever holds the receive lock reads for everyone."""
@@ -389,7 +446,11 @@ class Client:
                 pending.event.set()
 
     def _deliver(self, got: tuple) -> None:
-        rid, result, error = decode_reply(self.name, got, self.server_policy)
+        self._finish(decode_reply(self.name, got, self.server_policy))
+
+    def _finish(self, decoded: tuple) -> None:
+        """Hand a decoded packet (decode_reply) to the request waiting for it."""
+        rid, result, error = decoded
         if rid < 0:  # the connection ended: every waiting request fails
             if not self._closed:  # else our own close() ended it, and _dead says so
                 self._dead = error

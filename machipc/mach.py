@@ -395,6 +395,12 @@ class Conn:
             _mach.destroy_receive(port)  # whatever became of the right, this port is not reused
             raise
 
+    def call(self, request_id: int, payload, timeout: Optional[float]) -> Optional[tuple]:
+        """Send a REQUEST, then wait for the next reply (``timeout`` bounds both; see unix.Conn.call)."""
+        deadline = deadline_of(timeout)
+        self.send(Kind.REQUEST, request_id, payload, timeout)
+        return self.recv(remaining(deadline))
+
     def recv(self, timeout: Optional[float]) -> Optional[tuple]:
         """Next reply (see machipc/unix.py); None on timeout; ``Drop.CLOSED`` after ``shutdown``."""
         got = self._rx.recv(self._set, timeout, True)

@@ -264,9 +264,26 @@ class Conn:
                 continue
             return got
 
+    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[tuple]:
+        """Client side: send a REQUEST of inline ``payload``, then wait for the next packet.
+
+        ``timeout`` (seconds, None: no limit) bounds the send and the wait
+        together. Returns what ``recv`` returns (None when the time ran out);
+        the caller matches ``request_id`` (a late reply to an earlier request,
+        or the connection's end, may come first).
+        """
+        deadline = deadline_of(timeout)
+        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        if size > INLINE_MAX:
+            raise MessageTooLarge(f"call: {size} bytes do not fit inline")
+        self._sendmsg([pack_header(Kind.REQUEST, request_id, size), payload], [], timeout)
+        return self._recv_until(deadline)
+
     def recv(self, timeout: Optional[float]) -> Optional[tuple]:
         """Wait up to ``timeout`` for one packet (None on timeout)."""
-        deadline = deadline_of(timeout)
+        return self._recv_until(deadline_of(timeout))
+
+    def _recv_until(self, deadline: Optional[float]) -> Optional[tuple]:
         try:
             self._enter()
         except PeerGone:

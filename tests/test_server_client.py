@@ -104,6 +104,19 @@ def test_request_timeout(serve, client):
     assert cli.request(b"next", timeout=5) == b"late"
 
 
+def test_a_late_reply_never_answers_the_next_request(serve, client):
+    # The late reply reaches the client first, inside the next request's round trip
+    # (Client._call): it must be discarded, not returned as that request's answer.
+    release = threading.Event()
+    serve(lambda m: release.wait(5) and b"late" if m.data == b"slow" else b"echo:" + m.data)
+    cli = client()
+    with pytest.raises(machipc.IPCTimeoutError):
+        cli.request(b"slow", timeout=0.3)
+    release.set()
+    assert cli.request(b"next", timeout=5) == b"echo:next"
+    assert cli.request(b"again", timeout=5) == b"echo:again"
+
+
 def test_receive_timeout(impl, sockdir):
     with machipc.Server("org.test.svc", directory=sockdir, impl=impl) as srv:
         with pytest.raises(TimeoutError):
