@@ -19,6 +19,7 @@ import atheris
 with atheris.instrument_imports():
     from machipc import unix as py_unix
     from machipc import wire
+    from machipc.payload import Untaken
 
 from machipc import _closer
 from machipc import _unix as c_unix
@@ -64,6 +65,9 @@ def feed(tx, conn, data: bytes, fds: list[int]):
     status, _conn, kind, flags, rid, payload, pid, uid, gid, pidfd = got
     if pidfd >= 0:
         os.close(pidfd)
+    if isinstance(payload, Untaken):  # a large payload, left for the server to take once allowed
+        status, payload = payload.take()
+        payload = b"" if payload is None else payload
     return (status, kind, flags, rid, bytes(payload), pid, uid, gid)
 
 

@@ -31,6 +31,7 @@ from .errors import (
     ProtocolError,
     Rejected,
     RemoteError,
+    ServerBusy,
     ServerClosed,
     ServiceInUse,
     ServiceNotFound,
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidArgument",
     "ProtocolError",
     "RemoteError",
+    "ServerBusy",
     "ServerClosed",
     "PURE_PYTHON",
 ]

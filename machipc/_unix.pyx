@@ -28,11 +28,12 @@ from ._wire cimport *
 
 from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
-from ._closer import close_later
-from .arena import hello as arena_hello, locate as arena_locate, release_ref as arena_release_ref
+from ._closer import close_all_later, close_later, connection_owner
+from .arena import forget as arena_forget, hello as arena_hello, locate as arena_locate, release_ref as arena_release_ref
+from .budget import Account, ConnLimits
 from .outbox import REPLY_QUEUE_BYTES, Outbox
 from .wire import unpack_hello
-from .payload import MAX_PAYLOAD, map_sealed
+from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 
 IMPLEMENTATION = "c"
@@ -50,6 +51,8 @@ CONSTANTS = {
     "BAD_REQUEST_ID": DROP_BAD_REQUEST_ID, "CLOSED": DROP_CLOSED,
     "BAD_PAYLOAD_FD": DROP_BAD_PAYLOAD_FD, "OVERSIZE": DROP_OVERSIZE, "PAYLOAD_FD": FLAG_PAYLOAD_FD,
     "BAD_ARENA": DROP_BAD_ARENA, "ARENA": FLAG_ARENA, "ARENA_REF_SIZE": ARENA_REF_SIZE,
+    "UNMAPPABLE": DROP_UNMAPPABLE, "OVER_BUDGET": DROP_OVER_BUDGET, "NOT_SHMEM": DROP_NOT_SHMEM,
+    "SPARSE": DROP_SPARSE, "CONN_LIMIT": DROP_CONN_LIMIT, "CLOSE_BUDGET": DROP_CLOSE_BUDGET,
 }
 
 # Room for credentials, one pidfd and up to 253 unexpected fds (so they can be closed).
@@ -223,10 +226,8 @@ cdef inline void _close_received(Packet *pk, int fd) noexcept nogil:
         pk.ndeferred += 1
 
 
-cdef inline void _hand_off_deferred(Packet *pk):
-    cdef int i
-    for i in range(pk.ndeferred):
-        close_later(pk.deferred[i])
+cdef inline void _hand_off_deferred(Packet *pk, owner):
+    close_all_later([pk.deferred[i] for i in range(pk.ndeferred)], owner)
     pk.ndeferred = 0
 
 
@@ -315,7 +316,9 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     hstatus = _check_header(buf, n, server_side, pk)
     pk.status = status if status != DROP_OK else hstatus
     if pk.status == DROP_OK:
-        if nrights and not (pk.flags & FLAG_PAYLOAD_FD and nrights == 1):
+        # The one fd a PAYLOAD_FD packet may carry must be sealable: a memfd, whose
+        # close cannot block. Any other fd breaks the protocol.
+        if nrights and not (pk.flags & FLAG_PAYLOAD_FD and nrights == 1 and fcntl(pk.fd, F_GET_SEALS) >= 0):
             pk.status = DROP_UNEXPECTED_FDS
         elif not nrights and pk.flags & FLAG_PAYLOAD_FD:
             pk.status = DROP_BAD_PAYLOAD_FD  # the flag promised an fd that did not come
@@ -429,6 +432,12 @@ cdef class Conn:
     cdef public dict arenas  # the peer's arenas: id -> mapping
     cdef public object peer_limits  # the server's wire.Limits from its HELLO (client side; None until read)
     cdef public object outbox  # server side: replies waiting for the peer (machipc.outbox)
+    # Server side: the MappedBudget payloads and arenas are charged to (None: no
+    # limit), this connection's Account in it, and the uid that connected (SO_PEERCRED),
+    # owner of the fds it leaves to close.
+    cdef public object budget
+    cdef public object account
+    cdef public long long peer_uid
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -442,6 +451,8 @@ cdef class Conn:
         self.pidfs = pidfs
         self.max_payload = MAX_PAYLOAD
         self.arenas = {}
+        self.account = Account()
+        self.peer_uid = -1
         if sock is not None:
             sock.setblocking(False)
             self.fd = sock.detach()
@@ -457,8 +468,7 @@ cdef class Conn:
     def __dealloc__(self):
         if self.peer_pidfd >= 0:
             close(self.peer_pidfd)
-        if self.fd >= 0:
-            close(self.fd)
+        self._close_now()
         free(self.buf)
         free(self.cbuf)
 
@@ -606,8 +616,17 @@ cdef class Conn:
         cdef int fd = self.fd
         self.fd = -1
         self.close_pending = False
-        if fd >= 0:
-            close(fd)
+        if fd < 0:
+            return
+        if self.server_side:
+            # Its queue may hold a peer's fds, whose release would run (and may
+            # block) in the closing thread: the closer does it (machipc._closer).
+            try:
+                close_later(fd, connection_owner(self.peer_uid))
+                return
+            except BaseException:
+                pass
+        close(fd)
 
     cdef _sendmsg(self, msghdr *msg, timeout, size_t size):
         self._sendmsg_until(msg, _deadline(timeout), timeout, size)
@@ -641,33 +660,47 @@ cdef class Conn:
     cdef object _result(self, Packet *pk, const uint8_t *buf):
         cdef object payload = b""
         if pk.ndeferred:
-            _hand_off_deferred(pk)
-        if pk.status == DROP_OK and pk.flags & FLAG_ARENA:
-            status, payload = self._copy_out(pk, buf)
+            _hand_off_deferred(pk, self.peer_uid)
+        if pk.status != DROP_OK:
+            pass
+        elif pk.flags & (FLAG_ARENA | FLAG_PAYLOAD_FD):
+            # Large: handed up untaken, so a server's policy decides before anything
+            # is mapped or copied; a client takes it at once.
+            payload = Untaken(self, pk.flags, pk.length, pk.fd,
+                              PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE)
+                              if pk.flags & FLAG_ARENA else None)
             pk.fd = -1
-            if status != DROP_OK:
-                pk.status = status
-                payload = b""
-                if pk.pidfd >= 0:
-                    close(pk.pidfd)
-                    pk.pidfd = -1
-        elif pk.status == DROP_OK and pk.fd >= 0:
-            status, payload = map_sealed(pk.fd, pk.length, self.max_payload)  # closes the fd
-            pk.fd = -1
-            if status != DROP_OK:
-                pk.status = status
-                payload = b""
-                if pk.pidfd >= 0:
-                    close(pk.pidfd)
-                    pk.pidfd = -1
-        elif pk.status == DROP_OK:
+            if not self.server_side:
+                status, payload = self.take(payload)
+                if status != DROP_OK:
+                    pk.status = status
+                    payload = b""
+        else:
             payload = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
-        if pk.flags & FLAG_ARENA and pk.size == HEADER_SIZE + ARENA_REF_SIZE and pk.status != DROP_BAD_VERSION:
-            # Whatever the outcome (the copy above is done): the sender may reuse the region.
+        if (pk.status != DROP_OK and pk.flags & FLAG_ARENA and pk.size == HEADER_SIZE + ARENA_REF_SIZE
+                and pk.status != DROP_BAD_VERSION):
+            # Whatever the outcome the sender may reuse the region; a packet handed up
+            # (Untaken) is released when it is taken or discarded.
             arena_release_ref(self.arenas, PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE))
         if pk.status == DROP_OK and self.server_side:
             self._identify(pk)
+        elif pk.status != DROP_OK and pk.pidfd >= 0:
+            close(pk.pidfd)
+            pk.pidfd = -1
         return (pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
+
+    def take(self, untaken):
+        """Map (sealed memfd) or copy out (arena region) an untaken payload of this
+        connection: ``(DROP_OK, memoryview)`` or ``(reason, None)``; closes its fd and
+        releases its arena region, whatever the outcome."""
+        fd, untaken.fd = untaken.fd, -1
+        ref, untaken.ref = untaken.ref, None
+        if ref is None:
+            return map_sealed(fd, untaken.length, self.max_payload, self.budget, self.account)
+        try:
+            return self._copy_out(ref, untaken.length, fd)
+        finally:
+            arena_release_ref(self.arenas, ref)
 
     cdef void _identify(self, Packet *pk) noexcept:
         """Turn the packet's identity into a pidfd for the caller (see unix.Conn._identify).
@@ -740,27 +773,26 @@ cdef class Conn:
         else:
             self._pidfd_per_packet()  # no pin (old kernel, or the peer already left)
 
-    cdef object _copy_out(self, Packet *pk, const uint8_t *buf):
+    cdef object _copy_out(self, bytes ref, unsigned long long length, int fd):
         """An ARENA payload: checked by arena.locate, copied into receiver-owned memory."""
         cdef Py_buffer src
         cdef PrivateBuffer out
         cdef Py_ssize_t offset
-        body = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE)
-        status, mapping, start, _position = arena_locate(self.arenas, body, pk.length, pk.fd, self.max_payload)
+        status, mapping, start, _position = arena_locate(self.arenas, ref, length, fd, self.max_payload, self.budget, self.account)
         if status != DROP_OK:
             return status, None
         try:
-            out = PrivateBuffer.__new__(PrivateBuffer, pk.length)
-        except MemoryError:  # no memory for the copy now: refused like a payload over the limit
-            return DROP_OVERSIZE, None
+            out = PrivateBuffer.__new__(PrivateBuffer, length)
+        except MemoryError:  # no memory for the copy now
+            return DROP_UNMAPPABLE, None
         offset = start
         PyObject_GetBuffer(mapping, &src, PyBUF_SIMPLE)
         try:
             with nogil:
-                memcpy(out.data, <const char *>src.buf + offset, pk.length)
+                memcpy(out.data, <const char *>src.buf + offset, length)
         finally:
             PyBuffer_Release(&src)
-        return DROP_OK, memoryview(out)  # released by _result
+        return DROP_OK, memoryview(out)  # released by take()
 
     cdef object _recv_nowait(self, uint8_t *buf, char *cbuf):
         cdef Packet pk
@@ -898,6 +930,11 @@ cdef class ServerTransport:
     #: Bytes of replies a connection may leave unread, and seconds one may wait (Server sets them).
     cdef public object reply_queue_bytes
     cdef public object reply_max_age
+    #: MappedBudget for accepted connections' payloads and arenas (Server sets it; None: none).
+    cdef public object budget
+    #: Per-uid caps checked at accept (Server sets them).
+    cdef public object limits
+    cdef object refused   # deque of connections refused at accept, reported by recv
     cdef int listen_fd
     cdef int epfd
     cdef int wakefd
@@ -928,6 +965,8 @@ cdef class ServerTransport:
         self.pidfs = pidfs
         self.conns = {}
         self.ready = deque()
+        self.limits = ConnLimits()
+        self.refused = deque()
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.epfd < 0 or self.wakefd < 0:
@@ -955,7 +994,7 @@ cdef class ServerTransport:
         return self.epfd
 
     def recv(self, timeout):
-        """Next packet or connection-closed event from any client.
+        """Next packet or connection event from any client (see unix.ServerTransport.recv).
 
         None when ``timeout`` passed or ``wakeup()`` was called.
         """
@@ -967,6 +1006,8 @@ cdef class ServerTransport:
         if self.epfd < 0:
             return None
         while True:
+            if self.refused:
+                return self.refused.popleft()
             while self.ready and self.burst < 64:
                 conn = self.ready[0]
                 got = conn._recv_nowait(self.buf, self.cbuf)
@@ -1018,6 +1059,8 @@ cdef class ServerTransport:
         cdef int one = 1
         cdef Conn conn
         cdef epoll_event ev
+        cdef ucred cred
+        cdef socklen_t n
         while True:
             with nogil:
                 fd = accept4(self.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -1034,8 +1077,19 @@ cdef class ServerTransport:
                 setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one))
             conn = Conn.__new__(Conn, None, True, self.pidfs)
             conn.fd = fd
+            n = sizeof(cred)
+            if getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &n) != 0:
+                cred.pid = 0
+                cred.uid = cred.gid = <unsigned int>-1
+            conn.peer_uid = cred.uid
+            status = self.limits.admit(cred.uid)
+            if status != DROP_OK:
+                conn.shutdown()
+                self.refused.append((status, None, 0, 0, 0, b"", cred.pid, cred.uid, cred.gid, -1))
+                continue  # the socket is closed when conn goes (on the closer: it may hold fds)
             conn._pin_peer()
             conn.max_payload = self.max_payload
+            conn.budget = self.budget
             conn._hello(self.max_payload)
             conn.outbox = Outbox(self.reply_queue_bytes, self.reply_max_age, functools.partial(self._watch, fd))
             self.conns[fd] = conn
@@ -1068,6 +1122,8 @@ cdef class ServerTransport:
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
+            self.limits.left(conn.peer_uid)
+            arena_forget(conn.arenas, conn.budget, conn.account)
         try:
             self.ready.remove(conn)
         except ValueError:

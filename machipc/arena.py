@@ -14,8 +14,9 @@ and reused as a ring:
 The copy-out keeps the guarantee the sealed path gives: the handler's bytes
 live in memory the sender cannot touch, whatever the sender does to the arena
 afterwards (it can only garble its own message, and only before the copy).
-The arena is sealed against shrinking and growing, so the receiver's mapping
-can never fault (SIGBUS).
+The arena is sealed against shrinking and growing and must be on shmem
+(hugetlbfs is refused), so the receiver's mapping can never fault with SIGBUS.
+A receiver maps an arena only for a sender its policy allowed.
 
 Layout: bytes [0, 8) hold the release position (u64, little-endian, written by
 the receiver); the ring starts at ``CONTROL``. Positions grow monotonically; a
@@ -28,6 +29,7 @@ tail plus the region exceed the capacity. docs/protocol.md has the state machine
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import mmap
@@ -40,9 +42,10 @@ from typing import Optional
 
 from ._closer import close_received
 from .errors import IPCTimeoutError
+from .payload import check_backing
 from .wire import Drop, pack_hello
 
-__all__ = ["Arena", "CONTROL", "REF", "ARENA_SEALS", "MAX_ARENAS", "hello", "map_arena", "locate"]
+__all__ = ["Arena", "CONTROL", "REF", "ARENA_SEALS", "MAX_ARENAS", "hello", "map_arena", "locate", "release_ref", "forget"]
 
 CONTROL = 4096
 #: The packet body of an ARENA packet: arena id, reserved, offset in the ring, release position.
@@ -123,8 +126,14 @@ def hello(max_payload: int) -> bytes:
     return pack_hello(max_payload, MAX_CAPACITY, MAX_ARENAS)
 
 
-def map_arena(fd: int) -> tuple[int, Optional[mmap.mmap]]:
-    """The receiver's side: check a new arena fd and map it. Always closes ``fd``."""
+def map_arena(fd: int, budget=None, account=None) -> tuple[int, Optional[mmap.mmap]]:
+    """The receiver's side: check a new arena fd and map it. Always closes ``fd``.
+
+    Besides the seals and size, the file must be on shmem and fully allocated
+    (payload.check_backing: NOT_SHMEM, SPARSE), its size must fit ``budget``
+    (charged to ``account``; refunded by :func:`forget`; OVER_BUDGET) and the
+    kernel must map it (UNMAPPABLE on ENOMEM).
+    """
     try:
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -137,19 +146,27 @@ def map_arena(fd: int) -> tuple[int, Optional[mmap.mmap]]:
             or not CONTROL < st.st_size <= CONTROL + MAX_CAPACITY
         ):
             return Drop.BAD_ARENA, None
+        status = check_backing(fd, st)
+        if status != Drop.OK:
+            return status, None
+        if budget is not None and not budget.charge(account, st.st_size):
+            return Drop.OVER_BUDGET, None
         try:
             return Drop.OK, mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
-        except OSError:
-            return Drop.BAD_ARENA, None
+        except OSError as exc:
+            if budget is not None:
+                budget.refund(account, st.st_size)
+            return (Drop.UNMAPPABLE if exc.errno in (errno.ENOMEM, errno.EAGAIN) else Drop.BAD_ARENA), None
     finally:
         close_received(fd)
 
 
-def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple[int, Optional[mmap.mmap], int, int]:
+def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int, budget=None, account=None) -> tuple[int, Optional[mmap.mmap], int, int]:
     """Resolve an ARENA packet: ``(status, mapping, start, release position)``.
 
-    ``fd`` (or -1) is an arena announced by this packet; a new one is checked,
-    mapped and remembered in ``arenas`` (id -> mapping); the fd is always closed.
+    Only called once the sender was allowed. ``fd`` (or -1) is an arena
+    announced by this packet; a new one is checked, mapped (charged to
+    ``budget``) and remembered in ``arenas`` (id -> mapping); the fd is always closed.
     A valid arena is kept even when this packet's payload is refused, since
     the sender will name it again.
     The region ``[start, start + length)`` of the mapping is inside the ring.
@@ -164,7 +181,7 @@ def locate(arenas: dict, body: bytes, length: int, fd: int, limit: int) -> tuple
             close_received(fd)
             return Drop.BAD_ARENA, None, 0, 0
         else:
-            status, mapping = map_arena(fd)
+            status, mapping = map_arena(fd, budget, account)
             if status != Drop.OK:
                 return status, None, 0, 0
             arenas[arena_id] = mapping
@@ -195,6 +212,14 @@ def release_ref(arenas: dict, body) -> None:
 def release(mapping: mmap.mmap, position: int) -> None:
     """Tell the sender everything up to ``position`` has been copied out."""
     RELEASE.pack_into(mapping, 0, position & 0xFFFFFFFFFFFFFFFF)
+
+
+def forget(arenas: dict, budget=None, account=None) -> None:
+    """The connection ended: drop its arenas and refund their bytes."""
+    if budget is not None:
+        for mapping in arenas.values():
+            budget.refund(account, len(mapping))
+    arenas.clear()
 
 
 class ArenaSender:

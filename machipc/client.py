@@ -20,6 +20,7 @@ from .errors import (
     ProtocolError,
     Rejected,
     RemoteError,
+    ServerBusy,
     ServiceNotFound,
     error_from_errno,
 )
@@ -69,6 +70,8 @@ _ERRORS = {
     ErrorCode.MALFORMED: ProtocolError,
     ErrorCode.TOO_LARGE: MessageTooLarge,
     ErrorCode.SHUTTING_DOWN: PeerGone,
+    ErrorCode.NO_MEMORY: ServerBusy,
+    ErrorCode.OVER_BUDGET: ServerBusy,
 }
 
 
@@ -119,18 +122,6 @@ class Client:
     Connecting waits up to ``connect_timeout`` (default: ``timeout``) while the
     server's listen backlog is full (a connect flood; :mod:`machipc.connecting`);
     ``connect_timeout=0`` tries once and raises IPCTimeoutError.
-
-    Parameters: ``name`` (a service name; looked up as :mod:`machipc.naming`
-    says, or in ``directory`` alone); ``timeout`` and ``connect_timeout``
-    (seconds, float or None for no limit; default 10.0 and ``timeout``);
-    ``impl`` (``"c"``, ``"py"`` or None); ``server_policy``; ``max_size``
-    (bytes, default 64 MiB); ``arenas`` (reuse a shared ring for payloads over
-    64 KiB, default True).
-
-    Raises ServiceNotFound when nobody serves the name, NotPermitted when the
-    socket or its directory is someone else's or the server is not trusted,
-    IPCTimeoutError when the backlog stays full, InvalidArgument for a bad
-    argument. After ``fork()`` the child's first call connects anew.
     """
 
     def __init__(
@@ -304,14 +295,7 @@ class Client:
         return payload.loan(size, self.max_size)
 
     def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
-        """Send a one-way message; blocks up to ``timeout`` while the server's queue is full.
-
-        ``data`` is bytes-like (or a :meth:`buffer`); ``timeout`` in seconds
-        (None: no limit; default the client's). Raises IPCTimeoutError when the
-        queue stays full, MessageTooLarge over ``max_size`` or the server's
-        announced limit, PeerGone when the server left or the client was
-        closed, InvalidArgument for a payload that is not bytes-like.
-        """
+        """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
         if self._inline(data):
             try:
                 self._conn.send(Kind.MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)

@@ -24,6 +24,7 @@ __all__ = [
     "InvalidArgument",
     "ProtocolError",
     "RemoteError",
+    "ServerBusy",
     "ServerClosed",
     "error_from_errno",
 ]
@@ -83,6 +84,11 @@ class ProtocolError(IPCError):
 
 class RemoteError(IPCError):
     """The server's handler failed while answering this request."""
+
+
+class ServerBusy(IPCError):
+    """The server could not take the payload now (no memory, or its mapped-memory
+    budget is used up: error codes NO_MEMORY, OVER_BUDGET); retrying later may work."""
 
 
 class ServerClosed(IPCError, ConnectionError):

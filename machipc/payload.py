@@ -20,11 +20,14 @@ every received fd, so the checks are written once.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
 import stat
+import struct
+import weakref
 from typing import Optional, Union
 
 from ._closer import close_received
@@ -32,7 +35,10 @@ from .args import int_arg
 from .errors import InvalidArgument, MessageTooLarge, error_from_errno
 from .wire import INLINE_MAX, Drop
 
-__all__ = ["MAX_PAYLOAD", "REQUIRED_SEALS", "LoanBuffer", "loan", "sealed_memfd", "map_sealed", "size_of", "prepare", "send"]
+__all__ = [
+    "MAX_PAYLOAD", "REQUIRED_SEALS", "LoanBuffer", "Untaken", "loan", "sealed_memfd", "map_sealed", "check_backing",
+    "fs_magic", "size_of", "prepare", "send",
+]
 
 #: Default largest payload a server or client accepts (both configurable with ``max_size=``).
 MAX_PAYLOAD = 64 * 1024 * 1024
@@ -45,6 +51,9 @@ if HAVE_SEALED_MEMFD:
     REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
     _MEMFD_FLAGS = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
 _MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+TMPFS_MAGIC = 0x01021994  # include/uapi/linux/magic.h; memfds are on the internal shmem mount
+_STATFS_SIZE = 256  # >= sizeof(struct statfs) on every Linux ABI; f_type is its first field
+_libc = ctypes.CDLL(None, use_errno=True)
 
 Payload = Union[bytes, bytearray, memoryview, "LoanBuffer"]
 
@@ -157,12 +166,17 @@ def sealed_memfd(data: Union[bytes, bytearray, memoryview]) -> int:
     return fd
 
 
-def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryview]]:
+def map_sealed(fd: int, length: int, limit: int, budget=None, account=None) -> tuple[int, Optional[memoryview]]:
     """Check a received payload fd and map it read-only. Always closes ``fd`` (see _closer).
 
     Returns ``(Drop.OK, view)`` or ``(reason, None)``: the fd must be a regular
     memfd carrying every seal in ``REQUIRED_SEALS`` whose size equals the
-    header's ``length``, and ``length`` must not exceed ``limit``.
+    header's ``length`` (else BAD_PAYLOAD_FD), ``length`` must not exceed
+    ``limit`` (OVERSIZE), the file must be on shmem (NOT_SHMEM: a hugetlbfs
+    file can SIGBUS its readers) and fully allocated (SPARSE, see
+    :func:`check_backing`), the mapping must fit ``budget`` (a
+    :class:`machipc.budget.MappedBudget`, charged to ``account`` until the view
+    is freed; OVER_BUDGET) and the kernel must map it (UNMAPPABLE on ENOMEM).
     """
     try:
         if length > limit:
@@ -176,15 +190,95 @@ def map_sealed(fd: int, length: int, limit: int) -> tuple[int, Optional[memoryvi
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != length or length == 0:
             return Drop.BAD_PAYLOAD_FD, None
+        status = check_backing(fd, st)
+        if status != Drop.OK:
+            return status, None
+        if budget is not None and not budget.charge(account, length):
+            return Drop.OVER_BUDGET, None
         try:
             mapped = mmap.mmap(fd, length, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
         except OSError as exc:
+            if budget is not None:
+                budget.refund(account, length)
             if exc.errno in (errno.ENOMEM, errno.EAGAIN):
-                return Drop.OVERSIZE, None
+                return Drop.UNMAPPABLE, None
             return Drop.BAD_PAYLOAD_FD, None
+        if budget is not None:
+            weakref.finalize(mapped, budget.refund, account, length)
         return Drop.OK, memoryview(mapped)
     finally:
         close_received(fd)  # a peer's fd: it may not be a memfd, and then close() may block
+
+
+def check_backing(fd: int, st: os.stat_result) -> int:
+    """Drop.OK if a peer's memfd of ``st`` may be mapped: on shmem and without holes.
+
+    Only shmem (``fstatfs`` magic TMPFS_MAGIC, mm/shmem.c) is accepted: a
+    hugetlbfs file whose pages are gone (hole punched, pool empty) kills the
+    reader with SIGBUS instead of failing (NOT_SHMEM). A file with holes
+    (``st_blocks`` * 512 below its size: shmem counts allocated and swapped
+    pages in i_blocks) is refused (SPARSE): touching a hole would allocate a
+    page charged to *our* memory cgroup, so a peer could make us allocate
+    what it never paid for. Honest senders write every byte before sending.
+    """
+    try:
+        if fs_magic(fd) != TMPFS_MAGIC:
+            return Drop.NOT_SHMEM
+    except OSError:
+        return Drop.NOT_SHMEM
+    if st.st_blocks * 512 < st.st_size:
+        return Drop.SPARSE
+    return Drop.OK
+
+
+def fs_magic(fd: int) -> int:
+    """The ``f_type`` of the file system ``fd`` is on (``fstatfs(2)``); raises OSError."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return struct.unpack_from("l", buf)[0] & 0xFFFFFFFF
+
+
+class Untaken:
+    """A received large payload still where its sender put it (memfd or arena region).
+
+    Transports hand these up instead of mapping or copying, so the server
+    asks the policy first: ``take()`` maps or copies it for an allowed
+    sender, ``discard()`` drops it without touching its bytes. Either closes
+    the attached fd; a dropped ``Untaken`` is discarded.
+    """
+
+    __slots__ = ("conn", "flags", "length", "fd", "ref", "__weakref__")
+
+    def __init__(self, conn, flags: int, length: int, fd: int, ref: Optional[bytes]) -> None:
+        self.conn = conn
+        self.flags = flags
+        self.length = length  #: bytes, as the header says
+        self.fd = fd  #: the attached memfd or new arena, or -1 (known arena)
+        self.ref = ref  #: the 24-byte arena reference, or None for a sealed memfd
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self) -> tuple[int, object]:
+        """``(Drop.OK, payload)`` or ``(reason, None)``; see the transport's ``Conn.take``."""
+        return self.conn.take(self)
+
+    def discard(self) -> None:
+        """Close the fd unmapped; a region of an arena already known is handed back."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)  # checked sealable on receipt (shmem or hugetlbfs): cannot block
+        if self.ref is not None:
+            from .arena import release_ref
+
+            release_ref(self.conn.arenas, self.ref)
+            self.ref = None
+
+    def __del__(self) -> None:
+        if self.fd >= 0 or self.ref is not None:
+            self.discard()
 
 
 def size_of(data: Payload) -> int:

@@ -24,8 +24,9 @@ from .peer import Peer, pidfs_available
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .ratelog import RateLimitedLog
 from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
-from .payload import MAX_PAYLOAD, size_of as payload_size
-from .wire import DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Kind, pack_error
+from .budget import MappedBudget
+from .payload import MAX_PAYLOAD, Untaken, size_of as payload_size
+from .wire import DROP_ERROR, DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
 
@@ -33,6 +34,7 @@ log = logging.getLogger("machipc")
 
 # Plain ints for the per-message path (enum attribute lookups cost more than the check).
 _OK, _CLOSED, _REQUEST = int(Drop.OK), int(Drop.CLOSED), int(Kind.REQUEST)
+MiB = 1024 * 1024
 
 Handler = Callable[[Message], Union[bytes, bytearray, memoryview, None]]
 
@@ -56,8 +58,11 @@ class ServerStats:
     rejected: int = 0  #: refused by the policy
     unknown: int = 0  #: of those, refused because the policy could not tell (Decision.unknown)
     would_reject: int = 0  #: denied by the policy but let through (enforce=False)
-    too_large: int = 0  #: over ``max_size``
-    dropped: Counter = field(default_factory=Counter)  #: malformed packets, by Drop name
+    too_large: int = 0  #: over ``max_size`` (Drop.OVERSIZE)
+    #: packets not handed on and connections refused at accept, by Drop name (wire.DROP_TEXT)
+    dropped: Counter = field(default_factory=Counter)
+    #: connections the server hung up on, by reason ("unexpected fds", "rejected")
+    disconnected: Counter = field(default_factory=Counter)
     handler_errors: int = 0  #: handler raised
     reply_errors: int = 0  #: a reply could not be delivered
     unread_replies: int = 0  #: clients disconnected for leaving too many replies unread
@@ -91,6 +96,29 @@ class Server:
     ``offender_cooldown`` s (``stats.cooled_down``; machipc.cooldown).
     ``reply_timeout=0`` sends replies now or never (no queue).
 
+    Order of work for every packet: the kernel's identity of the sender, the
+    policy's decision (cached per process), and only for an allowed sender (or
+    with ``enforce=False``) the payload: a rejected sender's memfd is closed
+    unmapped and its arena never mapped. Budgets (docs/security.md; None
+    turns one off), each refusal counted in ``stats`` and logged (rate-limited per uid):
+
+    * ``max_connections_per_uid`` (256): connections one uid may hold; more
+      are refused at accept (``stats.dropped["CONN_LIMIT"]``).
+    * ``max_mapped_per_connection`` (640 MiB) and ``max_mapped`` (2 GiB):
+      bytes of peers' memfd payloads and arenas mapped at once, per
+      connection and in total; a payload over either is refused with error
+      code OVER_BUDGET (``stats.dropped["OVER_BUDGET"]``).
+    * ``max_deferred_closes`` (256): a uid with this many of its fds still
+      waiting on the closer threads (machipc._closer; their close() may
+      block) may not connect (``stats.dropped["CLOSE_BUDGET"]``).
+    * ``max_rejections`` (16): a connection on which no sender was ever
+      allowed is hung up on after this many rejected packets
+      (``stats.disconnected["rejected"]``).
+
+    A packet carrying any fd other than the protocol's one memfd breaks the
+    protocol: the fds are closed and the sender is hung up on
+    (``stats.disconnected["unexpected fds"]``).
+
     Parameters (all but ``name`` and ``policy`` by keyword):
 
     * ``name``: the service name (1-100 of ``[A-Za-z0-9._-]``); on Linux the
@@ -105,6 +133,9 @@ class Server:
       None for no limit, default 5.0); ``reply_queue_bytes``: bytes, see above.
     * ``offender_strikes`` (int), ``offender_cooldown`` (seconds).
     * ``backlog``: the listen backlog (connections, default 128).
+    * ``max_connections_per_uid``, ``max_deferred_closes``, ``max_rejections``
+      (int >= 1 or None), ``max_mapped_per_connection``, ``max_mapped`` (bytes,
+      int or None): the budgets above.
     * ``impl``: ``"c"``, ``"py"`` or None (the default transport).
     * ``listener``: an already listening AF_UNIX SOCK_SEQPACKET socket to
       adopt (socket activation does that by itself; see ``from_systemd``).
@@ -132,11 +163,26 @@ class Server:
         directory: Optional[str] = None,
         impl: Optional[str] = None,
         listener: Optional[socket.socket] = None,
+        max_connections_per_uid: Optional[int] = 256,
+        max_mapped_per_connection: Optional[int] = 640 * MiB,
+        max_mapped: Optional[int] = 2048 * MiB,
+        max_deferred_closes: Optional[int] = 256,
+        max_rejections: Optional[int] = 16,
     ) -> None:
         max_size = int_arg(max_size, "max_size")
         mode = int_arg(mode, "mode")
         backlog = int_arg(backlog, "backlog")
         reply_timeout = timeout_arg(reply_timeout, "reply_timeout")
+        for knob, value in (("max_connections_per_uid", max_connections_per_uid), ("max_deferred_closes", max_deferred_closes),
+                            ("max_rejections", max_rejections)):
+            if value is not None:
+                int_arg(value, knob, 1)
+        for knob, value in (("max_mapped_per_connection", max_mapped_per_connection), ("max_mapped", max_mapped)):
+            if value is not None:
+                int_arg(value, knob)
+        self.max_rejections = max_rejections
+        self._rejections: dict[int, int] = {}  # conn id -> packets rejected, while none was allowed
+        self._allowed: set[int] = set()  # conn ids on which a sender was allowed
         self.name = name
         self.policy = as_policy(policy) if policy is not None else SameUser()
         self._decisions = DecisionCache(self.policy)  # one decision per sending process
@@ -180,6 +226,9 @@ class Server:
         self._transport.max_payload = max_size
         self._transport.reply_queue_bytes = reply_queue_bytes
         self._transport.reply_max_age = reply_timeout
+        self._transport.budget = MappedBudget(max_mapped_per_connection, max_mapped)
+        self._transport.limits.per_uid = max_connections_per_uid
+        self._transport.limits.deferred_closes = max_deferred_closes
         if self.activated:  # connections queued before _adopt lack the options: set them per accept
             self._transport.pass_on_accept = True
 
@@ -364,28 +413,35 @@ class Server:
         status, conn, kind, _flags, request_id, payload, pid, uid, gid, pidfd = got
         if status != _OK:
             if status == _CLOSED:
-                self._peers.pop(conn.id, None)
+                self._forget(conn)
             else:
                 self._drop(conn, status, kind, request_id, pid, uid)
             return None
         if self.offenders.refused(uid):  # a repeat offender in its cool-down: no service at all
+            if payload.__class__ is Untaken:
+                payload.discard()
             self.stats.cooled_down += 1
             self.rate_log.warning(uid, "cooled down", "disconnected pid %d uid %d: its uid is in a cool-down", pid, uid)
             _hang_up(conn)
             return None
+        # Identity and decision first; a large payload is still untaken here.
         peer, decision = self._identify(conn, pid, uid, gid, pidfd)
         if not decision.allowed:
             if self.enforce:
-                self.stats.rejected += 1
-                self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, printable(decision.reason))
-                if not decision.known:
-                    self.stats.unknown += 1
-                if kind == _REQUEST:
-                    self._answer_error(conn, request_id, ErrorCode.REJECTED, _rejection_text(peer, decision))
+                if payload.__class__ is Untaken:
+                    payload.discard()  # closed unmapped; no arena is mapped for this sender
+                self._reject(conn, kind, request_id, pid, uid, peer, decision)
                 return None
             self.stats.would_reject += 1
             self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, printable(decision.reason))
-        if len(payload) > self.max_size:
+        elif conn.id not in self._allowed:
+            self._allowed.add(conn.id)
+        if payload.__class__ is Untaken:
+            status, payload = payload.take()
+            if status != _OK:
+                self._drop(conn, status, kind, request_id, pid, uid)
+                return None
+        elif len(payload) > self.max_size:
             self.stats.too_large += 1
             self.rate_log.warning(uid, "too large", "dropped %d-byte message from pid %d uid %d: over max_size %d", len(payload), pid, uid, self.max_size)
             if kind == _REQUEST:
@@ -393,6 +449,34 @@ class Server:
             return None
         self.stats.received += 1
         return Message(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision, self.max_size)
+
+    def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision) -> None:
+        self.stats.rejected += 1
+        self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, printable(decision.reason))
+        if not decision.known:
+            self.stats.unknown += 1
+        if kind == _REQUEST:
+            self._answer_error(conn, request_id, ErrorCode.REJECTED, _rejection_text(peer, decision))
+        if self.max_rejections is not None and conn.id not in self._allowed:
+            count = self._rejections.get(conn.id, 0) + 1
+            self._rejections[conn.id] = count
+            if count >= self.max_rejections:
+                self._disconnect(conn, "rejected", f"{count} packets rejected, none allowed", uid)
+
+    def _disconnect(self, conn, reason: str, why: str, uid: int) -> None:
+        """Hang up on a connection (its fds close on the closer thread, see machipc._closer)."""
+        self.stats.disconnected[reason] += 1
+        self.rate_log.warning(uid, f"disconnected: {reason}", "disconnecting a client of uid %d: %s", uid, why)
+        self._forget(conn)
+        disconnect = getattr(self._transport, "disconnect", None)
+        if disconnect is not None:
+            disconnect(conn)
+
+    def _forget(self, conn) -> None:
+        """A connection ended: drop what the server kept about it."""
+        self._peers.pop(conn.id, None)
+        self._rejections.pop(conn.id, None)
+        self._allowed.discard(conn.id)
 
     def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
         """The Peer for this packet and the policy's decision, reused per process."""
@@ -440,18 +524,22 @@ class Server:
     def _drop(self, conn, status: int, kind: int, request_id: int, pid: int, uid: int) -> None:
         reason = Drop(status)
         text = DROP_TEXT.get(reason, reason.name)
-        code = ErrorCode.MALFORMED
+        code = DROP_ERROR.get(reason, ErrorCode.MALFORMED)
         version = VERSION
-        if reason == Drop.OVERSIZE:  # a memfd payload over max_size, refused before mapping
+        if reason == Drop.OVERSIZE:  # a memfd or arena payload over max_size, refused before mapping
             self.stats.too_large += 1
-            code, text = ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes"
+            text = f"over the server's limit of {self.max_size} bytes"
         else:
             self.stats.dropped[reason.name] += 1
         if reason == Drop.BAD_VERSION:  # answered in a header every client version reads
             version, text = VERSION_ERROR_VERSION, f"{text}: this server speaks version {VERSION}"
         self.rate_log.warning(uid, f"dropped: {reason.name}", "dropped packet from pid %d uid %d: %s", pid, uid, text)
+        if conn is None:  # a connection refused at accept: nothing to answer
+            return
         if kind == Kind.REQUEST and request_id and status != Drop.BAD_MAGIC:
             self._answer_error(conn, request_id, code, text, version)
+        if reason == Drop.UNEXPECTED_FDS:
+            self._disconnect(conn, "unexpected fds", "it sent file descriptors the protocol does not carry", uid)
 
     def _answer_error(self, conn, request_id: int, code: int, text: str, version: int = VERSION) -> None:
         # On the receive thread, for senders that broke the rules or were refused: never
@@ -739,6 +827,8 @@ class Server:
         transport, self._transport = self._transport, None
         transport.close()
         self._peers.clear()
+        self._rejections.clear()
+        self._allowed.clear()
         try:
             if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)

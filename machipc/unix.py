@@ -48,9 +48,10 @@ from typing import Optional
 from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
-from ._closer import close_received
+from ._closer import close_all_received, close_later, connection_owner
+from .budget import Account, ConnLimits
 from .outbox import REPLY_QUEUE_BYTES, Outbox
-from .payload import MAX_PAYLOAD, map_sealed
+from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 from .wire import (
     ARENA_REF_SIZE,
@@ -85,6 +86,15 @@ _UCRED = struct.Struct("=iII")
 CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4) + socket.CMSG_SPACE(253 * 4)
 _ids = itertools.count(1)
 _POLL_EVERY = 64  # poll epoll at least this often while connections stay ready
+
+
+def _sealable(fd: int) -> bool:
+    """A memfd (shmem or hugetlbfs): the only kind of fd the protocol sends, and one whose close cannot block."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return True
 
 
 def deadline_of(timeout: Optional[float]) -> Optional[float]:
@@ -132,6 +142,12 @@ class Conn:
         self.peer_limits: Optional[Limits] = None
         #: Server side: replies waiting for the peer to read (machipc.outbox); None on clients.
         self.outbox: Optional[Outbox] = None
+        #: Server side: the MappedBudget payloads and arenas are charged to (None: no limit),
+        #: and this connection's account in it.
+        self.budget = None
+        self.account = Account()
+        #: Server side: the uid that connected (SO_PEERCRED): owner of the fds it leaves to close.
+        self.peer_uid = -1
         # The process that connected, pinned at accept (see the module doc).
         self._peer_pid = 0
         self._peer_pidfd = -1
@@ -205,7 +221,20 @@ class Conn:
             self._busy -= 1
             if self._busy or not self._close_pending:
                 return
-        self.sock.close()
+        self._release_fd()
+
+    def _release_fd(self) -> None:
+        """Close the socket. A server's end goes to the closer: its queue may hold a
+        peer's fds, whose release would run (and may block) in the closing thread."""
+        if not self._server_side:
+            self.sock.close()
+            return
+        try:
+            fd = self.sock.detach()
+        except OSError:
+            return
+        if fd >= 0:
+            close_later(fd, connection_owner(self.peer_uid))
 
     def _sendmsg(self, buffers: list, ancdata: list, timeout: Optional[float]) -> None:
         self._enter()
@@ -338,11 +367,13 @@ class Conn:
         if header is not None:
             kind, flags, request_id = header.kind, header.flags, header.request_id
         if status == Drop.OK:
-            status, payload = self._take_payload(header, data, fds, payload)
-        for fd in fds:  # every fd we did not take is closed (without blocking on it)
-            close_received(fd)
-        if header is not None and header.flags & Flag.ARENA and len(data) == ARENA_PACKET and status != Drop.BAD_VERSION:
-            arena.release_ref(self.arenas, data[HEADER_SIZE:])  # whatever the outcome: the sender may reuse the region
+            status, payload = self._payload(header, data, fds, payload)
+        if fds:  # every fd we did not take is closed (without blocking on it)
+            close_all_received(fds, self.peer_uid)
+        if status != Drop.OK and header is not None and header.flags & Flag.ARENA and len(data) == ARENA_PACKET and status != Drop.BAD_VERSION:
+            # Whatever the outcome the sender may reuse the region; a packet handed up
+            # (Untaken) is released when it is taken or discarded.
+            arena.release_ref(self.arenas, data[HEADER_SIZE:])
         if status != Drop.OK:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -412,29 +443,53 @@ class Conn:
         if self._peer_pidfd >= 0:
             os.close(self._peer_pidfd)
             self._peer_pidfd = -1
+        if self._server_side and self.sock.fileno() >= 0:
+            self._release_fd()
 
-    def _take_payload(self, header, data: bytes, fds: list[int], inline: bytes) -> tuple[int, object]:
-        """The payload of a valid packet: inline, a sealed memfd, or an arena region.
+    def _payload(self, header, data: bytes, fds: list[int], inline: bytes) -> tuple[int, object]:
+        """The payload of a valid packet: inline bytes, or an :class:`Untaken` large one.
 
-        Takes the fd it uses out of ``fds``; the caller closes the rest.
+        A server hands large payloads up untaken, so its policy decides before
+        anything is mapped or copied; a client takes them at once. The one fd
+        a PAYLOAD_FD packet may carry must be sealable (a memfd: its close
+        cannot block); any other fd is UNEXPECTED_FDS. Takes the fd it keeps
+        out of ``fds``; the caller closes the rest.
         """
         flags = header.flags
         fd = -1
         if fds:
-            if not (flags & Flag.PAYLOAD_FD and len(fds) == 1):
+            if not (flags & Flag.PAYLOAD_FD and len(fds) == 1 and _sealable(fds[0])):
                 return Drop.UNEXPECTED_FDS, b""
             fd = fds.pop()
         elif flags & Flag.PAYLOAD_FD:
             return Drop.BAD_PAYLOAD_FD, b""  # the flag promised an fd that did not come
-        if flags & Flag.ARENA:
-            status, mapping, start, _position = arena.locate(self.arenas, data[HEADER_SIZE:], header.length, fd, self.max_payload)
+        if not flags & (Flag.ARENA | Flag.PAYLOAD_FD):
+            return Drop.OK, inline
+        untaken = Untaken(self, flags, header.length, fd, data[HEADER_SIZE:] if flags & Flag.ARENA else None)
+        if self._server_side:
+            return Drop.OK, untaken
+        return self.take(untaken)
+
+    def take(self, untaken: Untaken) -> tuple[int, object]:
+        """Map (sealed memfd) or copy out (arena region) an untaken payload of this
+        connection: ``(Drop.OK, memoryview)`` or ``(reason, None)``; closes its fd and
+        releases its arena region, whatever the outcome."""
+        fd, untaken.fd = untaken.fd, -1
+        ref, untaken.ref = untaken.ref, None
+        if ref is None:
+            return map_sealed(fd, untaken.length, self.max_payload, self.budget, self.account)
+        length = untaken.length
+        try:
+            status, mapping, start, _position = arena.locate(self.arenas, ref, length, fd, self.max_payload, self.budget, self.account)
             if status != Drop.OK:
-                return status, b""
-            payload = mapping[start : start + header.length]  # the copy-out (released by _parse)
-            return Drop.OK, memoryview(payload)
-        if fd >= 0:
-            return map_sealed(fd, header.length, self.max_payload)
-        return Drop.OK, inline
+                return status, None
+            try:
+                payload = mapping[start : start + length]  # the copy-out
+            except MemoryError:
+                return Drop.UNMAPPABLE, None
+        finally:
+            arena.release_ref(self.arenas, ref)
+        return Drop.OK, memoryview(payload)
 
     def _hello(self, max_payload: int) -> None:
         """Server side, at accept: send HELLO, the first packet on every connection. Never
@@ -459,7 +514,7 @@ class Conn:
                 self._close_pending = True
                 self.shutdown()
                 return
-        self.sock.close()
+        self._release_fd()
 
 
 def _rights(fd: int) -> list:
@@ -486,6 +541,11 @@ class ServerTransport:
         #: Bytes of replies a connection may leave unread, and seconds one may wait (Server sets them).
         self.reply_queue_bytes = REPLY_QUEUE_BYTES
         self.reply_max_age: Optional[float] = None
+        #: MappedBudget for accepted connections' payloads and arenas (Server sets it; None: none).
+        self.budget = None
+        #: Per-uid caps checked at accept (Server sets them).
+        self.limits = ConnLimits()
+        self._refused: deque[tuple] = deque()  # connections refused at accept, reported by recv
         self._accept_paused_until = 0.0  # out of fds: the listener is off epoll until then
         self._ep = select.epoll()
         self._readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # (Linux-only names)
@@ -505,12 +565,16 @@ class ServerTransport:
         return self._ep.fileno()
 
     def recv(self, timeout: Optional[float]) -> Optional[tuple]:
-        """Next packet or connection-closed event from any client.
+        """Next packet or connection event from any client.
 
-        None when ``timeout`` passed or ``wakeup()`` was called.
+        None when ``timeout`` passed or ``wakeup()`` was called. A connection
+        refused at accept comes as ``(Drop.CONN_LIMIT or Drop.CLOSE_BUDGET,
+        None, 0, 0, 0, b"", pid, uid, gid, -1)``.
         """
         deadline = deadline_of(timeout)
         while True:
+            if self._refused:
+                return self._refused.popleft()
             while self._ready and self._burst < _POLL_EVERY:
                 conn = self._ready[0]
                 got = conn.recv_nowait()
@@ -575,8 +639,15 @@ class ServerTransport:
             if self.pass_on_accept:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             conn = Conn(sock, True, self._pidfs)
+            pid, conn.peer_uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            status = self.limits.admit(conn.peer_uid)
+            if status != Drop.OK:
+                conn.shutdown()
+                self._refused.append((status, None, 0, 0, 0, b"", pid, conn.peer_uid, gid, -1))
+                continue  # the socket is closed when conn goes (on the closer: it may hold fds)
             conn._pin_peer()
             conn.max_payload = self.max_payload
+            conn.budget = self.budget
             conn._hello(self.max_payload)
             conn.outbox = Outbox(self.reply_queue_bytes, self.reply_max_age, functools.partial(self._watch, conn.fd))
             self._conns[conn.fd] = conn
@@ -602,6 +673,8 @@ class ServerTransport:
     def _drop(self, conn: Conn) -> None:
         if self._conns.pop(conn.fd, None) is conn:
             self._ep.unregister(conn.fd)
+            self.limits.left(conn.peer_uid)
+            arena.forget(conn.arenas, conn.budget, conn.account)
         try:
             self._ready.remove(conn)
         except ValueError:

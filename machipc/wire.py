@@ -74,6 +74,8 @@ class ErrorCode(enum.IntEnum):
     MALFORMED = 3  # the request broke the protocol
     TOO_LARGE = 4  # the request was over the server's size limit
     SHUTTING_DOWN = 5  # the server closed before answering
+    NO_MEMORY = 6  # the server could not map or copy the payload now (ENOMEM); try again later
+    OVER_BUDGET = 7  # the server's budget of mapped payload memory is used up; try again later
 
 
 class Drop(enum.IntEnum):
@@ -95,6 +97,12 @@ class Drop(enum.IntEnum):
     BAD_PAYLOAD_FD = 13  # PAYLOAD_FD without exactly one sealed memfd of the right size
     OVERSIZE = 14  # payload over the receiver's limit
     BAD_ARENA = 15  # unknown arena, region outside it, or an arena fd that fails the checks
+    UNMAPPABLE = 16  # the payload could not be mapped or copied (no memory now)
+    OVER_BUDGET = 17  # mapping it would exceed the connection's or the server's mapped-bytes budget
+    NOT_SHMEM = 18  # a payload or arena memfd not on shmem (e.g. hugetlbfs)
+    SPARSE = 19  # a payload or arena memfd with holes (fewer blocks than bytes)
+    CONN_LIMIT = 20  # connection refused: that uid has max_connections_per_uid already
+    CLOSE_BUDGET = 21  # connection refused: that uid has max_deferred_closes fds still closing
 
 
 DROP_TEXT = {
@@ -112,6 +120,19 @@ DROP_TEXT = {
     Drop.BAD_PAYLOAD_FD: "payload fd missing, not a memfd, not fully sealed, or of the wrong size",
     Drop.OVERSIZE: "payload over the size limit",
     Drop.BAD_ARENA: "arena reference or arena fd failed the checks",
+    Drop.UNMAPPABLE: "payload could not be mapped (no memory)",
+    Drop.OVER_BUDGET: "payload over the server's mapped-memory budget",
+    Drop.NOT_SHMEM: "payload or arena memfd not on shmem (hugetlbfs?)",
+    Drop.SPARSE: "payload or arena memfd has holes",
+    Drop.CONN_LIMIT: "connection refused: too many connections from this uid",
+    Drop.CLOSE_BUDGET: "connection refused: too many of this uid's fds still closing",
+}
+
+#: The error reply for a dropped request, by reason (MALFORMED for the rest).
+DROP_ERROR = {
+    Drop.OVERSIZE: ErrorCode.TOO_LARGE,
+    Drop.UNMAPPABLE: ErrorCode.NO_MEMORY,
+    Drop.OVER_BUDGET: ErrorCode.OVER_BUDGET,
 }
 
 

@@ -70,9 +70,11 @@ def test_arenas_off_uses_sealed_memfds(serve, client):
     assert cli._arenas is None
 
 
-def _arena_fd(size: int, seals: int = arena.ARENA_SEALS) -> int:
+def _arena_fd(size: int, seals: int = arena.ARENA_SEALS, sparse: bool = False) -> int:
     fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if not sparse:
+        os.posix_fallocate(fd, 0, size)  # allocated, as a real sender's pre-faulted ring
     if seals:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return fd
@@ -86,7 +88,8 @@ CASES = {
     "shrinkable-arena": (lambda: _arena_fd(arena.CONTROL + MiB, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL), Flag.ARENA | Flag.PAYLOAD_FD, 0, 1000, "BAD_ARENA"),
     "huge-arena": (lambda: _arena_fd(arena.CONTROL + 1024 * MiB), Flag.ARENA | Flag.PAYLOAD_FD, 0, 1000, "BAD_ARENA"),
     "out-of-bounds": (lambda: _arena_fd(arena.CONTROL + MiB), Flag.ARENA | Flag.PAYLOAD_FD, MiB - 10, 1000, "BAD_ARENA"),
-    "not-a-memfd": (lambda: os.open("/dev/null", os.O_RDONLY), Flag.ARENA | Flag.PAYLOAD_FD, 0, 1000, "BAD_ARENA"),
+    "not-a-memfd": (lambda: os.open("/dev/null", os.O_RDONLY), Flag.ARENA | Flag.PAYLOAD_FD, 0, 1000, "UNEXPECTED_FDS"),
+    "sparse-arena": (lambda: _arena_fd(arena.CONTROL + MiB, sparse=True), Flag.ARENA | Flag.PAYLOAD_FD, 0, 1000, "SPARSE"),
     "fd-without-flag": (lambda: _arena_fd(arena.CONTROL + MiB), Flag.ARENA, 0, 1000, "UNEXPECTED_FDS"),
     "flag-without-fd": (lambda: -1, Flag.ARENA | Flag.PAYLOAD_FD, 0, 1000, "BAD_PAYLOAD_FD"),
 }

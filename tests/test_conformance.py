@@ -43,6 +43,7 @@ class RawArena:
     def __init__(self, capacity: int = MiB) -> None:
         self.fd = os.memfd_create("conformance-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, 4096 + capacity)
+        os.posix_fallocate(self.fd, 0, 4096 + capacity)  # receivers refuse arenas with holes
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
         self.map = mmap.mmap(self.fd, 4096 + capacity, flags=mmap.MAP_SHARED)
 
@@ -175,6 +176,13 @@ def _memfd(data: bytes, seals: int = fcntl.F_SEAL_WRITE | ARENA_SEALS) -> int:
     return fd
 
 
+def _sparse_memfd(size: int) -> int:
+    fd = os.memfd_create("conformance", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)  # never written: all holes
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | ARENA_SEALS)
+    return fd
+
+
 def _pipe_end() -> int:
     r, w = os.pipe()
     os.close(w)
@@ -223,9 +231,14 @@ CASES = {
     "memfd without F_SEAL_WRITE": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG, ARENA_SEALS),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
     "memfd larger than length": (header(R, 5, BIG - 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
     "memfd smaller than length": (header(R, 5, BIG + 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * BIG),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
-    "a pipe, not a memfd": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_pipe_end(),), ErrorCode.MALFORMED, wire.VERSION, "BAD_PAYLOAD_FD"),
+    "a pipe, not a memfd": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_pipe_end(),), ErrorCode.MALFORMED, wire.VERSION, "UNEXPECTED_FDS"),
+    "memfd with holes": (header(R, 5, BIG, Flag.PAYLOAD_FD), lambda: (_sparse_memfd(BIG),), ErrorCode.MALFORMED, wire.VERSION, "SPARSE"),
     "memfd over max_size": (header(R, 5, 2 * MiB + 1, Flag.PAYLOAD_FD), lambda: (_memfd(b"m" * (2 * MiB + 1)),), ErrorCode.TOO_LARGE, wire.VERSION, "too_large"),
 }
+
+
+#: Outcomes after which the server also hangs up on the sender (fds the protocol does not carry).
+HANG_UP = {"UNEXPECTED_FDS"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -248,6 +261,9 @@ def test_each_packet_gets_its_documented_outcome(raw, case):
             assert (kind, code) == (Kind.ERROR, expected), text
             if key == "BAD_VERSION":
                 assert "this server speaks version 2" in text
+    if key in HANG_UP:
+        assert conn.sock.recv(wire.PACKET_MAX) == b""  # then the server hangs up
+        conn = connect()
     ok_request(conn, 1)  # the connection still serves, and nothing else was answered before it
     counted = 2 if key == "received" else 1
     assert wait_for(lambda: _stat(srv, key) == before + counted)
@@ -406,6 +422,7 @@ def _arena_packet(kind: int, rid: int, arena_id: int, length: int, offset: int =
 def _sized_arena(file_size: int) -> int:
     fd = os.memfd_create("conformance-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, file_size)
+    os.posix_fallocate(fd, 0, file_size)  # receivers refuse arenas with holes
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
     return fd
 

@@ -150,7 +150,7 @@ path, count, version = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 size = 32 << 20
 fd = os.memfd_create("big", os.MFD_ALLOW_SEALING)
 os.ftruncate(fd, size)
-os.pwrite(fd, b"x", size - 1)
+os.posix_fallocate(fd, 0, size)  # allocated: servers refuse memfds with holes
 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(path)

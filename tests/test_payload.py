@@ -108,6 +108,13 @@ ALL = payload.REQUIRED_SEALS
 F_SEAL_FUTURE_WRITE = 0x10  # Linux 5.1; not exported by Python 3.11's fcntl
 
 
+def _sparse_memfd(size: int) -> int:
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ALL)
+    return fd
+
+
 def _pipe_read_end() -> list[int]:
     r, w = os.pipe()
     os.close(w)
@@ -122,12 +129,13 @@ def _pipe_read_end() -> list[int]:
         (lambda: [_memfd(b"x" * 100_000, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE)], 100_000, "BAD_PAYLOAD_FD"),
         (lambda: [_memfd(b"x" * 100_000, ALL)], 200_000, "BAD_PAYLOAD_FD"),  # header lies about the size
         (lambda: [_memfd(b"x" * 100_000, ALL)], 50_000, "BAD_PAYLOAD_FD"),  # too small a file
-        (_pipe_read_end, 100_000, "BAD_PAYLOAD_FD"),  # not a memfd
+        (_pipe_read_end, 100_000, "UNEXPECTED_FDS"),  # not a memfd: a foreign fd
+        (lambda: [_sparse_memfd(100_000)], 100_000, "SPARSE"),  # holes the server would have to fault in
         (lambda: [_memfd(b"x" * 100_000, ALL), _memfd(b"y", ALL)], 100_000, "UNEXPECTED_FDS"),  # two fds
         (lambda: [], 100_000, "BAD_PAYLOAD_FD"),  # flag without an fd
         (lambda: [_memfd(b"x" * 100_000, ALL)], 1 << 40, "OVERSIZE"),
     ],
-    ids=["unsealed", "no-write-seal", "future-write-only", "size-lies-big", "size-lies-small", "pipe", "two-fds", "no-fd", "oversize"],
+    ids=["unsealed", "no-write-seal", "future-write-only", "size-lies-big", "size-lies-small", "pipe", "sparse", "two-fds", "no-fd", "oversize"],
 )
 def test_hostile_payload_fds(serve, client, make, length, reason):
     srv = serve()

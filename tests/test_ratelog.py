@@ -57,7 +57,7 @@ def test_log_keys_are_bounded(caplog):
 def test_rejected_flood_writes_few_lines_and_counts_all(serve, caplog):
     """A real flood of rejected packets: every one counted, a handful logged."""
     caplog.set_level(logging.WARNING, "machipc")
-    srv = serve(policy=machipc.policies.Allowlist(uids={os.geteuid() + 1}))
+    srv = serve(policy=machipc.policies.Allowlist(uids={os.geteuid() + 1}), max_rejections=None)  # keep the connection
     n = 3000
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
         raw.connect(srv.path)

@@ -27,20 +27,23 @@ from machipc.policies import AllowAll
 
 NAME = "org.test.sig"
 
-FULL_QUEUE = """
+BLOCK = {
+    "send": """
         c = machipc.Client(NAME, directory=D, impl=IMPL)
         try:
             while True:
                 c.send(b"x" * 1000, timeout=0)
         except machipc.IPCTimeoutError:
             pass
-"""
-
-BLOCK = {
-    "send": FULL_QUEUE + """
         call = lambda t: c.send(b"x" * 1000, timeout=t)
     """,
-    "send_many": FULL_QUEUE + """
+    "send_many": """
+        c = machipc.Client(NAME, directory=D, impl=IMPL)
+        try:
+            while True:
+                c.send(b"x" * 1000, timeout=0)
+        except machipc.IPCTimeoutError:
+            pass
         call = lambda t: c.send_many([b"y" * 100] * 50, timeout=t)
     """,
     "request": """

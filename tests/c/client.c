@@ -229,7 +229,8 @@ static void arena_make(struct arena *r, uint64_t cap, uint32_t id) {
     r->fd = memfd_create("c-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (r->fd < 0 || ftruncate(r->fd, CONTROL + cap) != 0) fail("arena: %s", strerror(errno));
     if (fcntl(r->fd, F_ADD_SEALS, ARENA_SEALS) != 0) fail("arena seals: %s", strerror(errno));
-    r->map = mmap(NULL, CONTROL + cap, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    /* §5.3: pre-faulted, so the ring has no holes (a receiver refuses those) */
+    r->map = mmap(NULL, CONTROL + cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
     if (r->map == MAP_FAILED) fail("arena mmap: %s", strerror(errno));
 }
 
