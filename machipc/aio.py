@@ -49,7 +49,7 @@ import weakref
 from collections import deque
 from typing import Any, Awaitable, Callable, Iterable, Optional, Union
 
-from . import _backend, activation, payload
+from . import _backend, activation, forking, payload
 from . import client as _client
 from . import server as _server
 from .errors import (
@@ -581,6 +581,8 @@ class Client:
     async def _bind(self) -> asyncio.AbstractEventLoop:
         if self.sync is None:
             await self._connect()
+        elif self.sync._fork_generation != forking.generation and self._dead is None:
+            self._after_fork()
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -597,6 +599,13 @@ class Client:
         if self._reading:
             self._reading = False
             self._loop.remove_reader(reader_fd(self._conn))
+
+    def _after_fork(self) -> None:
+        """First use in a fork()ed child: the sync client connects anew, and this one
+        forgets the parent's loop and requests (see machipc.forking)."""
+        self.sync._reconnect_after_fork()
+        self._connected(self.sync)
+        self._loop, self._reading, self._pending = None, False, {}
 
     def _check(self, data) -> None:
         if self._dead is not None:

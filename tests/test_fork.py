@@ -108,3 +108,21 @@ def test_fork(scenario, impl, sockdir):
     code = PRELUDE + textwrap.dedent(SCENARIOS[scenario]) + "\nprint('OK', flush=True)\n"
     done = subprocess.run([sys.executable, "-c", code, sockdir, impl], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr[-3000:]
+
+
+def test_aio_client_in_forked_child(impl, sockdir):
+    body = """
+        from machipc import aio
+        import asyncio
+        acli = aio.Client("org.test.fork", directory=D, impl=IMPL)
+        async def ask(tag):
+            return await acli.request(tag)
+        assert asyncio.run(ask(b"a")) == b"%d:a" % os.getpid()
+        def child():
+            assert asyncio.run(ask(b"c")) == b"%d:c" % os.getpid()
+        wait(in_child(child))
+        assert acli.sync.request(b"p") == b"%d:p" % os.getpid()  # the parent's connection is intact
+    """
+    code = PRELUDE + textwrap.dedent(body) + "\nprint('OK', flush=True)\n"
+    done = subprocess.run([sys.executable, "-c", code, sockdir, impl], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr[-3000:]
