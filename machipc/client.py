@@ -277,6 +277,22 @@ class Client:
         limits = getattr(self._conn, "peer_limits", None)
         return limits is None or size <= limits.max_size
 
+    def _learn_limits(self) -> None:
+        """Before a one-way send while the server's limits are unknown: read its HELLO
+        if it has come (one non-blocking read), so a message over the server's limit
+        is refused here. No reply would ever tell a one-way sender; a request learns
+        the limits from the HELLO that comes before its reply."""
+        if self._fork_generation != forking.generation or not self._recv_lock.acquire(blocking=False):
+            return  # the parent's connection (the call reconnects first), or a reader will see it
+        try:
+            got = self._conn.recv_nowait()  # the transport keeps a HELLO and reads on
+            if got is not None:
+                self._deliver(got)  # a reply or the end: whoever waits for it is told
+        finally:
+            self._recv_lock.release()
+        if got is not None:
+            self._wake_followers()
+
     def _check_size(self, size: int) -> None:
         """MessageTooLarge when ``size`` bytes are over ``max_size`` or the server's announced limit."""
         if size > self.max_size:
@@ -295,7 +311,17 @@ class Client:
         return payload.loan(size, self.max_size)
 
     def send(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> None:  # type: ignore[assignment]
-        """Send a one-way message; blocks up to ``timeout`` while the server's queue is full."""
+        """Send a one-way message; blocks up to ``timeout`` while the server's queue is full.
+
+        ``data`` is bytes-like (or a :meth:`buffer`); ``timeout`` in seconds
+        (None: no limit; default the client's). Raises IPCTimeoutError when the
+        queue stays full, MessageTooLarge over ``max_size`` or the server's
+        limit (from its HELLO, once the server has accepted the connection),
+        PeerGone when the server left or the client was closed,
+        InvalidArgument for a payload that is not bytes-like.
+        """
+        if getattr(self._conn, "peer_limits", 0) is None:
+            self._learn_limits()
         if self._inline(data):
             try:
                 self._conn.send(Kind.MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
@@ -317,6 +343,8 @@ class Client:
         timeout = self._timeout(timeout)
         if self._fork_generation != forking.generation and not self._closed:
             self._reconnect_after_fork()
+        if getattr(self._conn, "peer_limits", 0) is None:
+            self._learn_limits()
         send_many = getattr(self._conn, "send_many", None)
         batch: list = []
         sent = 0

@@ -389,3 +389,19 @@ def test_no_fd_leak_over_many_connections(serve, impl, sockdir):
         time.sleep(0.01)
     assert srv.connections == 0
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_one_way_sender_learns_the_server_limit(serve, client):
+    """A one-way message over the server's limit is refused at the sender once the
+    server has accepted the connection (its HELLO), not dropped unseen."""
+    from conftest import wait_for
+
+    srv = serve(max_size=100)
+    cli = client()
+    assert wait_for(lambda: srv.connections == 1)
+    with pytest.raises(machipc.MessageTooLarge, match="server's limit of 100"):
+        cli.send(b"x" * 200)
+    with pytest.raises(machipc.MessageTooLarge, match="server's limit of 100"):
+        cli.send_many([b"ok", b"x" * 200])
+    cli.send(b"y" * 100)
+    assert srv.stats.too_large == 0
