@@ -540,3 +540,18 @@ def test_socket_paths_up_to_107_bytes(tmp_path):
     assert len(naming.service_path("n" * room, directory=directory)) == 107
     with pytest.raises(machipc.InvalidArgument, match="longer than 107"):
         naming.service_path("n" * (room + 1), directory=directory)
+
+
+def test_a_rejected_senders_arena_is_never_mapped(serve):
+    srv = serve(count, policy=lambda peer: machipc.policies.Decision.deny("conformance"))
+    conn = Raw(srv.path)
+    ring = RawArena()
+    try:
+        conn.send(_arena_packet(R, 5, 1, 1000, release=1000, fd=True), (ring.fd,))
+        kind, rid, payload = conn.answer()
+        assert (kind, rid, wire.unpack_error(payload)[0]) == (Kind.ERROR, 5, ErrorCode.REJECTED)
+        assert ring.release == 0  # nothing mapped it, so nothing released it
+        assert srv.stats.dropped_total == 0 and srv.stats.rejected == 1
+    finally:
+        conn.close()
+        ring.close()
