@@ -7,6 +7,7 @@ extension is used when it imports, and the pure twin when it does not.
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 from typing import Optional
 
@@ -21,9 +22,10 @@ except ImportError:  # not built (pure install, or an unsupported platform)
     _compiled = None
 
 DEFAULT: ModuleType = _pure if _PURE_REQUESTED or _compiled is None else _compiled
-#: True when the (Linux) transport in use is the pure-Python twin: requested with
+#: True when the Linux transport in use is the pure-Python twin: requested with
 #: MACHIPC_PURE_PYTHON=1, or because the Cython extension is not built or did not import.
-PURE_PYTHON = DEFAULT is _pure
+#: Always False on macOS, whose Mach transport (machipc._mach) has no pure twin.
+PURE_PYTHON = sys.platform != "darwin" and DEFAULT is _pure
 
 
 def transport(impl: Optional[str] = None) -> ModuleType:

@@ -59,3 +59,8 @@ def test_client_buffer_on_macos():
     assert got and got[0][:5] == b"hello" and len(got[0]) == 50_000
     assert not payload.HAVE_SEALED_MEMFD
     assert KERNEL.self_task.mapped() == 0  # the server's copy was unmapped after the handler
+
+
+def test_pure_python_flag_is_false_on_macos():
+    """The Mach transport is Cython and has no pure twin: PURE_PYTHON must not say otherwise."""
+    assert machipc.PURE_PYTHON is False
