@@ -49,7 +49,7 @@ import weakref
 from collections import deque
 from typing import Any, Awaitable, Callable, Iterable, Optional, Union
 
-from . import _backend, activation, forking, payload
+from . import activation, forking, payload, transport
 from . import client as _client
 from . import server as _server
 from .errors import (
@@ -62,7 +62,7 @@ from .errors import (
 from .args import DEFAULT, int_arg, timeout_arg
 from .message import Message
 from .policies import PolicyLike
-from .unix import deadline_of, remaining
+from .deadline import deadline_of, remaining
 from .wire import ErrorCode, Kind, pack_error
 
 __all__ = ["Server", "Client", "reader_fd"]
@@ -552,7 +552,7 @@ class Client:
             self.sync = None  # type: ignore[assignment]
             self._conn = None
             self.path = ""  # known once connected
-            self.implementation = _backend.transport(impl).IMPLEMENTATION
+            self.implementation = transport.backend(impl).implementation
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None

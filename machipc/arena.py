@@ -41,9 +41,10 @@ import time
 from typing import Optional
 
 from ._closer import close_received
+from .deadline import deadline_of, remaining
 from .errors import IPCTimeoutError
 from .payload import check_backing
-from .wire import Drop, pack_hello
+from .wire import Drop, Flag, pack_hello
 
 __all__ = ["Arena", "CONTROL", "REF", "ARENA_SEALS", "MAX_ARENAS", "hello", "map_arena", "locate", "release_ref", "forget"]
 
@@ -239,9 +240,6 @@ class ArenaSender:
         return self.made < MAX_ARENAS or (self.arena is not None and size <= self.arena.capacity)
 
     def send(self, conn, kind: int, request_id: int, data, size: int, timeout: Optional[float]) -> None:
-        from .unix import deadline_of, remaining
-        from .wire import Flag
-
         deadline = deadline_of(timeout)
         with self.lock:
             arena = self.arena

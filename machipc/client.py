@@ -5,12 +5,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
-import sys
 import threading
 from typing import Iterable, Optional, Union
 
-from . import _backend
+from . import transport
 from .errors import (
     IPCError,
     IPCTimeoutError,
@@ -21,15 +19,12 @@ from .errors import (
     Rejected,
     RemoteError,
     ServerBusy,
-    ServiceNotFound,
-    error_from_errno,
 )
 from .args import DEFAULT, int_arg, timeout_arg
-from .naming import container_advice, find_sockets
-from .peer import Peer, peer_of
+from .peer import Peer
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
-from .unix import deadline_of, remaining
-from . import arena, connecting, forking, payload
+from .deadline import deadline_of, remaining
+from . import arena, forking, payload
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, Limits, unpack_error
 
 __all__ = ["Client", "Buffer"]
@@ -156,18 +151,13 @@ class Client:
     def _open(self) -> None:
         """Connect, with fresh per-connection state (at init, and in a fork()ed child)."""
         directory, impl, connect_timeout, arenas = self._where
-        if sys.platform == "darwin":
-            from . import mach  # Mach backend: the name is a bootstrap (launchd) name
-
-            self.path = self.name
-            self.implementation: str = mach.IMPLEMENTATION
-            self._conn = mach.client_conn(self.name, self.timeout)
-        else:
-            mod = _backend.transport(impl)
-            self.implementation = mod.IMPLEMENTATION
-            self.path = ""  #: the socket connected to (machipc.naming's lookup order)
-            self._conn = mod.Conn(self._connect(directory, connect_timeout), False, False)
-            self._conn.max_payload = self.max_size
+        backend = transport.backend(impl)  # chosen there (machipc.transport)
+        self.implementation: str = backend.implementation
+        #: the socket connected to (machipc.naming's lookup order); on macOS the bootstrap name
+        self._conn, self.path, self.server_peer = backend.open_client(
+            self.name, directory=directory, timeout=self.timeout, connect_timeout=connect_timeout,
+            server_policy=self.server_policy, explicit_policy=self._explicit_server_policy, max_size=self.max_size,
+        )
         #: Large payloads go through a reused arena (machipc/arena.py); None: sealed memfds only.
         self._arenas = arena.ArenaSender() if arenas and hasattr(self._conn, "send_fd") else None
         self._pending: dict[int, _Pending] = {}
@@ -200,56 +190,6 @@ class Client:
         self._forget_inherited()
         log.debug("client of %r used in a fork()ed child (pid %d): connecting anew", self.name, os.getpid())
         self._open()
-
-    def _connect(self, directory: Optional[str], connect_timeout: Optional[float]) -> socket.socket:
-        """Connect to the first live socket for the name (see machipc.naming for the order)."""
-        stale = []
-        # An explicit server_policy judges the listening process itself (_check_server), which
-        # is what a client in a container, where the owner shows as the overflow uid, needs.
-        for path in find_sockets(self.name, directory, any_owner=self._explicit_server_policy):
-            sock = self._connect_to(path, connect_timeout)
-            if sock is not None:
-                self.path = path
-                return self._check_server(sock)
-            stale.append(path)
-        raise ServiceNotFound(f"no server is listening for {self.name!r} at {' or '.join(stale)} (stale socket)")
-
-    def _connect_to(self, path: str, connect_timeout: Optional[float]) -> Optional[socket.socket]:
-        """A socket connected to ``path``, or None when nobody listens there."""
-        sock = connecting.seqpacket_socket()
-        try:
-            connecting.connect(sock, path, connect_timeout)
-        except (ConnectionRefusedError, FileNotFoundError):
-            sock.close()
-            return None
-        except IPCTimeoutError:
-            sock.close()
-            raise IPCTimeoutError(f"connecting to {self.name!r}: the server's backlog stayed full for {connect_timeout} s") from None
-        except OSError as exc:
-            sock.close()
-            raise error_from_errno(exc.errno, f"connect to {path}") from None
-        except BaseException:  # a signal handler's exception
-            sock.close()
-            raise
-        return sock
-
-    def _check_server(self, sock: socket.socket) -> socket.socket:
-        try:
-            self.server_peer = peer = peer_of(sock)
-            try:
-                decision = evaluate(self.server_policy, peer)
-            finally:
-                peer.close()  # the pidfd was only needed for the check
-        except BaseException:
-            sock.close()
-            raise
-        if not decision.allowed:
-            sock.close()
-            advice = "" if self._explicit_server_policy else container_advice(peer.uid, peer.pid)
-            raise NotPermitted(
-                f"server of {self.name!r} (pid {peer.pid or 'unknown'}, uid {peer.uid}) is not trusted: {decision.reason}{advice}"
-            )
-        return sock
 
     def _timeout(self, timeout) -> Optional[float]:
         return self.timeout if timeout is _DEFAULT else timeout

@@ -20,10 +20,13 @@ import socket
 import struct
 from typing import Optional
 
-from .errors import IPCTimeoutError
-from .unix import deadline_of, remaining
+from .errors import IPCTimeoutError, NotPermitted, ServiceNotFound, error_from_errno
+from .deadline import deadline_of, remaining
+from .naming import container_advice, find_sockets
+from .peer import Peer, peer_of
+from .policies import Policy, evaluate
 
-__all__ = ["connect", "seqpacket_socket"]
+__all__ = ["connect", "open_service", "seqpacket_socket"]
 
 _TIMEVAL = struct.Struct("@ll")
 _MIN_WAIT = 1e-3  # SO_SNDTIMEO of 0 means "forever": never ask for less than this
@@ -87,3 +90,64 @@ def _attempt(sock: socket.socket, path: str, wait: float) -> bool:
             return False
         raise
     return True
+
+
+def open_service(
+    name: str, directory: Optional[str], connect_timeout: Optional[float], server_policy: Policy, explicit_policy: bool,
+) -> tuple[socket.socket, str, Peer]:
+    """``(sock, path, server_peer)``: connected to the first live socket for service ``name``
+    (machipc.naming's lookup order) whose listening process ``server_policy`` trusts.
+
+    With ``explicit_policy`` the policy alone judges (sockets of any owner are
+    tried): a client in a container sees the owner as the overflow uid.
+    Raises ServiceNotFound (nobody listens), NotPermitted (an untrusted
+    server), IPCTimeoutError (the backlog stayed full for ``connect_timeout`` s).
+    """
+    stale = []
+    for path in find_sockets(name, directory, any_owner=explicit_policy):
+        sock = _connect_to(name, path, connect_timeout)
+        if sock is not None:
+            return sock, path, _check_server(name, sock, server_policy, explicit_policy)
+        stale.append(path)
+    raise ServiceNotFound(f"no server is listening for {name!r} at {' or '.join(stale)} (stale socket)")
+
+
+def _connect_to(name: str, path: str, connect_timeout: Optional[float]) -> Optional[socket.socket]:
+    """A socket connected to ``path``, or None when nobody listens there."""
+    sock = seqpacket_socket()
+    try:
+        connect(sock, path, connect_timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        return None
+    except IPCTimeoutError:
+        sock.close()
+        raise IPCTimeoutError(f"connecting to {name!r}: the server's backlog stayed full for {connect_timeout} s") from None
+    except OSError as exc:
+        sock.close()
+        raise error_from_errno(exc.errno, f"connect to {path}") from None
+    except BaseException:  # a signal handler's exception
+        sock.close()
+        raise
+    return sock
+
+
+def _check_server(name: str, sock: socket.socket, server_policy: Policy, explicit_policy: bool) -> Peer:
+    """The kernel's identity of the process listening on ``sock``, if ``server_policy`` trusts it
+    (else ``sock`` is closed and NotPermitted raised)."""
+    try:
+        peer = peer_of(sock)
+        try:
+            decision = evaluate(server_policy, peer)
+        finally:
+            peer.close()  # the pidfd was only needed for the check
+    except BaseException:
+        sock.close()
+        raise
+    if not decision.allowed:
+        sock.close()
+        advice = "" if explicit_policy else container_advice(peer.uid, peer.pid)
+        raise NotPermitted(
+            f"server of {name!r} (pid {peer.pid or 'unknown'}, uid {peer.uid}) is not trusted: {decision.reason}{advice}"
+        )
+    return peer

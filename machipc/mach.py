@@ -43,7 +43,7 @@ from .machmsg import (
     SendInterrupted,
 )
 from .peer import Peer
-from .unix import deadline_of, remaining
+from .deadline import deadline_of, remaining
 from .wire import (
     CLIENT_ACCEPTS,
     HEADER_SIZE,

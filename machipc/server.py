@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
 import signal
 import socket
-import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from . import _backend, activation, connecting, cooldown, forking, outbox
+from . import activation, cooldown, forking, outbox, transport
 from .args import int_arg, timeout_arg
-from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, ServiceInUse, UnreadReplies, error_from_errno
+from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, UnreadReplies
 from ._printable import printable
 from .message import Message
-from .naming import check_socket_owner, service_path
-from .peer import Peer, pidfs_available
+from .peer import Peer
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .ratelog import RateLimitedLog
-from .unix import SAME_PEER, SO_PASSPIDFD, deadline_of, remaining
+from .deadline import deadline_of, remaining
+from .unix import SAME_PEER
 from .budget import MappedBudget
 from .payload import MAX_PAYLOAD, Untaken, size_of as payload_size
 from .wire import DROP_ERROR, DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Kind, pack_error
@@ -203,106 +201,22 @@ class Server:
         self._fork_generation = forking.generation
         self._recv_lock = threading.Lock()
         self._receiver: Optional[int] = None  # thread ident inside receive()
-        if sys.platform == "darwin":
-            self._init_mach(name)
-            return
-        if listener is None:  # systemd socket activation: LISTEN_FDS set for this pid
-            listener = activation.take_listener(name)
-        self.activated = listener is not None  #: the socket came from the service manager
-        if listener is not None:
-            self.path = _socket_path(listener)
-        else:
-            self.path = service_path(name, create_dir=True, directory=directory)
-        self._mod = _backend.transport(impl)
-        self.implementation: str = self._mod.IMPLEMENTATION
-        if listener is not None:
-            self.pidfd_guard = self._adopt(listener)
-            self._inode: Optional[int] = None  # the manager owns the socket file: never unlink it
-        else:
-            listener, self.pidfd_guard = self._listen(mode, backlog)
-            self._inode = os.stat(self.path).st_ino
-        self._listen_fd = listener.fileno()
-        self._transport = self._mod.ServerTransport(listener, pidfs_available())
-        self._transport.max_payload = max_size
-        self._transport.reply_queue_bytes = reply_queue_bytes
-        self._transport.reply_max_age = reply_timeout
-        self._transport.budget = MappedBudget(max_mapped_per_connection, max_mapped)
-        self._transport.limits.per_uid = max_connections_per_uid
-        self._transport.limits.deferred_closes = max_deferred_closes
-        if self.activated:  # connections queued before _adopt lack the options: set them per accept
-            self._transport.pass_on_accept = True
-
-    def _init_mach(self, name: str) -> None:
-        """macOS: check the name in with launchd's bootstrap server (machipc.mach)."""
-        from . import mach
-
-        self.activated = False
-        self.path = name  # a bootstrap name, not a file
-        self._mod = mach
-        self.implementation = mach.IMPLEMENTATION
-        self.pidfd_guard = "audit-token"
-        self._inode = None  # nothing to unlink
-        self._listen_fd = -1
-        self._transport = mach.server_transport(name, queue_limit=1024)
+        self._backend = transport.backend(impl)  #: the transport (machipc.transport), chosen there
+        self.implementation: str = self._backend.implementation
+        opened = self._backend.open_server(
+            name, directory=directory, mode=mode, backlog=backlog, listener=listener,
+            max_size=max_size, reply_queue_bytes=reply_queue_bytes, reply_timeout=reply_timeout,
+            budget=MappedBudget(max_mapped_per_connection, max_mapped),
+            max_connections_per_uid=max_connections_per_uid, max_deferred_closes=max_deferred_closes,
+        )
+        self._transport = opened.transport
+        self.path = opened.path  #: the socket file (or, on macOS, the bootstrap name)
+        self.activated = opened.activated  #: the socket came from the service manager
+        self.pidfd_guard = opened.pidfd_guard  #: how senders are pinned against pid reuse
+        self._inode = opened.inode  # the socket file's, None when it is not ours to unlink
+        self._listen_fd = opened.listen_fd  # -1: no listening socket (Mach)
 
     # -- setup ---------------------------------------------------------------
-
-    def _listen(self, mode: int, backlog: int) -> tuple[socket.socket, str]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            # Both before listen(): accepted sockets inherit them, so no packet
-            # can arrive without kernel credentials.
-            guard = self._pass_credentials(sock)
-            self._clear_stale(self.path)
-            try:
-                sock.bind(self.path)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ServiceInUse(f"service {self.name!r} is already served at {self.path}") from None
-                raise error_from_errno(exc.errno, f"bind {self.path}") from None
-            # Not connectable before listen(), so the mode is right before anyone can use it.
-            os.chmod(self.path, mode)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return sock, guard
-
-    @staticmethod
-    def _pass_credentials(sock: socket.socket) -> str:
-        """Turn on SO_PASSCRED; returns the pid-reuse guard in use.
-
-        Senders are pinned by the pidfd of the connecting process, taken at
-        accept (SO_PEERPIDFD) and checked alive after each packet, and by a
-        per-packet SCM_PIDFD on connections where another process sends
-        (the transport turns SO_PASSPIDFD on for those). Both need Linux 6.5;
-        the probe below finds out, leaving SO_PASSPIDFD off on the listener.
-        """
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 0)
-            return "SO_PEERPIDFD"
-        except OSError as exc:
-            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
-                raise
-            log.info("kernel lacks pidfd socket options; senders are pinned with pidfd_open(pid)")
-            return "pidfd_open"  # kernel < 6.5: pin by pid right after receipt
-
-    def _adopt(self, sock: socket.socket) -> str:
-        """Take over a listening socket made by someone else (systemd socket activation)."""
-        activation.check_listener(sock)
-        sock.set_inheritable(False)
-        # Before the first accept(). DESIGN.md caveat: this listener was listen()ed
-        # without us, and connections already queued (the one that triggered the
-        # activation) did not inherit the options, so the transport also sets them
-        # on each accepted socket (pass_on_accept; checked on 6.x: packets queued
-        # before accept then carry credentials). A packet sent in the window between
-        # accept() and that setsockopt arrives with pid 0 and the overflow ids, and
-        # the transport drops it as NO_CREDENTIALS (never trusted).
-        # PassCredentials=yes in the .socket unit (what `machipc unit` writes)
-        # closes that window.
-        return self._pass_credentials(sock)
 
     @classmethod
     def from_systemd(cls, name: str, policy: Optional[PolicyLike] = None, **kwargs) -> "Server":
@@ -314,31 +228,6 @@ class Server:
         """
         listener = activation.take_listener(name, required=True)
         return cls(name, policy, listener=listener, **kwargs)
-
-    def _clear_stale(self, path: str) -> None:
-        """Remove a socket left by a crashed server of ours; refuse anything else."""
-        try:
-            check_socket_owner(path, (os.geteuid(),))
-        except FileNotFoundError:
-            return
-        probe = connecting.seqpacket_socket()
-        try:
-            # A full backlog (a connect flood) is waited out; still full after 1 s: someone listens.
-            connecting.connect(probe, path, 1.0)
-        except IPCTimeoutError:
-            pass
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale socket %s left by a server that is gone", path)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        except OSError as exc:
-            raise error_from_errno(exc.errno, f"probing existing socket {path}") from None
-        finally:
-            probe.close()
-        raise ServiceInUse(f"service {self.name!r} is already served by a live server at {path}")
 
     # -- receiving -----------------------------------------------------------
 
@@ -864,16 +753,6 @@ def refuse_result(stats: ServerStats, msg: Message, result) -> Optional[str]:
     stats.handler_errors += 1
     log.error("handler's return value for request %d from pid %d is no reply: %s", msg.request_id, msg.sender.pid, wrong)
     return f"the handler returned no valid reply: {wrong}"
-
-
-def _socket_path(sock: socket.socket) -> str:
-    """The filesystem path of a bound AF_UNIX socket (``@name`` for the abstract namespace)."""
-    name = sock.getsockname()
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "surrogateescape")
-    if name.startswith("\0"):
-        return "@" + name[1:]
-    return name
 
 
 def _hang_up(conn) -> None:

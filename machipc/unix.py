@@ -45,7 +45,7 @@ import time
 from collections import deque
 from typing import Optional
 
-from .args import timeout_arg
+from .deadline import deadline_of, remaining
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
 from ._closer import close_all_received, close_later, connection_owner
@@ -95,25 +95,6 @@ def _sealable(fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def deadline_of(timeout: Optional[float]) -> Optional[float]:
-    """Absolute monotonic deadline for a timeout in seconds (None: forever).
-
-    Raises InvalidArgument for a negative, NaN or non-numeric timeout.
-    """
-    if timeout is None:
-        return None
-    if type(timeout) is not float or not timeout >= 0:  # the common case: one check
-        timeout = timeout_arg(timeout)
-    return time.monotonic() + timeout
-
-
-def remaining(deadline: Optional[float]) -> Optional[float]:
-    """Seconds left until ``deadline`` (never negative; None: forever)."""
-    if deadline is None:
-        return None
-    return max(0.0, deadline - time.monotonic())
 
 
 class Conn:
