@@ -555,3 +555,34 @@ def test_a_rejected_senders_arena_is_never_mapped(serve):
     finally:
         conn.close()
         ring.close()
+
+
+# -- the text and the code name the same things ---------------------------------------------
+
+import re  # noqa: E402
+
+
+def _spec() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")) as f:
+        return f.read()
+
+
+def _section(text: str, number: int) -> str:
+    return text.split(f"\n## {number} ", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_spec_names_every_drop_reason_error_code_kind_and_counter():
+    text = _spec()
+    outcomes = _section(text, 7)
+    for reason in wire.Drop:
+        if reason not in (wire.Drop.OK, wire.Drop.CLOSED):
+            assert f"`{reason.name}`" in outcomes or f'["{reason.name}"]' in outcomes, f"§7 does not name {reason.name}"
+    codes = dict(re.findall(r"^\| (\d+) +\| `([A-Z_]+)`", _section(text, 8), re.M))
+    assert codes == {str(int(c)): c.name for c in ErrorCode}, "§8 and wire.ErrorCode differ"
+    kinds = dict(re.findall(r"^\| (\d+) +\| `([A-Z]+)`", _section(text, 4), re.M))
+    assert kinds == {str(int(k)): k.name for k in Kind}, "§4 and wire.Kind differ"
+    counters = set(re.findall(r"`(\w+)`", re.sub(r"`dropped\[[^]]*\]`", "", outcomes)))
+    stats = set(machipc.ServerStats.__dataclass_fields__)
+    for name in ("received", "rejected", "would_reject", "too_large", "cooled_down", "handler_errors", "reply_errors"):
+        assert name in stats and name in counters, name
+    assert "version 2" in text.splitlines()[0] and wire.VERSION == 2
