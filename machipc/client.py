@@ -230,8 +230,7 @@ class Client:
                 self._deliver(got)  # a reply or the end: whoever waits for it is told
         finally:
             self._recv_lock.release()
-        if got is not None:
-            self._wake_followers()
+            self._wake_followers()  # a request that found the lock taken must not wait for us
 
     def _check_size(self, size: int) -> None:
         """MessageTooLarge when ``size`` bytes are over ``max_size`` or the server's announced limit."""
@@ -465,6 +464,7 @@ class Client:
                 self._conn.close()
             finally:
                 self._recv_lock.release()
+                self._wake_followers()  # a request that found the lock taken: it reads the end itself
 
     def _gone(self, exc: PeerGone) -> PeerGone:
         """What a call that saw ``exc`` raises: "the client was closed" when it was."""
