@@ -117,6 +117,18 @@ class Client:
     Connecting waits up to ``connect_timeout`` (default: ``timeout``) while the
     server's listen backlog is full (a connect flood; :mod:`machipc.connecting`);
     ``connect_timeout=0`` tries once and raises IPCTimeoutError.
+
+    Parameters: ``name`` (a service name; looked up as :mod:`machipc.naming`
+    says, or in ``directory`` alone); ``timeout`` and ``connect_timeout``
+    (seconds, float or None for no limit; default 10.0 and ``timeout``);
+    ``impl`` (``"c"``, ``"py"`` or None); ``server_policy``; ``max_size``
+    (bytes, default 64 MiB); ``arenas`` (reuse a shared ring for payloads over
+    64 KiB, default True).
+
+    Raises ServiceNotFound when nobody serves the name, NotPermitted when the
+    socket or its directory is someone else's or the server is not trusted,
+    IPCTimeoutError when the backlog stays full, InvalidArgument for a bad
+    argument. After ``fork()`` the child's first call connects anew.
     """
 
     def __init__(

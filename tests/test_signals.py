@@ -27,23 +27,20 @@ from machipc.policies import AllowAll
 
 NAME = "org.test.sig"
 
-BLOCK = {
-    "send": """
+FULL_QUEUE = """
         c = machipc.Client(NAME, directory=D, impl=IMPL)
         try:
             while True:
                 c.send(b"x" * 1000, timeout=0)
         except machipc.IPCTimeoutError:
             pass
+"""
+
+BLOCK = {
+    "send": FULL_QUEUE + """
         call = lambda t: c.send(b"x" * 1000, timeout=t)
     """,
-    "send_many": """
-        c = machipc.Client(NAME, directory=D, impl=IMPL)
-        try:
-            while True:
-                c.send(b"x" * 1000, timeout=0)
-        except machipc.IPCTimeoutError:
-            pass
+    "send_many": FULL_QUEUE + """
         call = lambda t: c.send_many([b"y" * 100] * 50, timeout=t)
     """,
     "request": """

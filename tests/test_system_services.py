@@ -8,6 +8,7 @@ Real processes: a root server in a test-only system directory
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -161,13 +162,15 @@ def test_user_service_shadows_only_its_owners_view(system, impl):
 
 def test_squatted_tmp_dir_names_owner_and_fix(system):
     """Another user made /tmp/machipc-UID first: the error says who and what to do."""
-    squatted = f"/tmp/machipc-{OTHER}"
-    if os.path.lexists(squatted):
+    victim = random.randrange(40000, 60000)  # concurrent runs must not share the predictable path
+    squatted = f"/tmp/machipc-{victim}"
+    try:
+        os.mkdir(squatted, 0o700)
+    except FileExistsError:
         pytest.skip(f"{squatted} already exists")
-    os.mkdir(squatted, 0o700)
     os.chown(squatted, NOBODY, NOBODY)
     try:
-        done = as_user(OTHER, f"import machipc\nmachipc.Server({NAME!r})\n", system)
+        done = as_user(victim, f"import machipc\nmachipc.Server({NAME!r})\n", system)
         assert done.returncode != 0
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("machipc.errors.NotPermitted:"), done.stderr
@@ -175,7 +178,7 @@ def test_squatted_tmp_dir_names_owner_and_fix(system):
         # a client of that user still reaches system services through the squat
         srv, thread = serve_root(b"system", "py")
         try:
-            assert as_user(OTHER, "IMPL = None\n" + REQUEST, system).stdout.strip() == "system"
+            assert as_user(victim, "IMPL = None\n" + REQUEST, system).stdout.strip() == "system"
         finally:
             stop(srv, thread)
     finally:
