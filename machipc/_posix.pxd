@@ -41,6 +41,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SCM_RIGHTS
         SCM_CREDENTIALS
         MSG_DONTWAIT
+        MSG_PEEK
         MSG_NOSIGNAL
         MSG_TRUNC
         MSG_CTRUNC

@@ -332,6 +332,24 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     return 1
 
 
+cdef bint _gone(int fd, char *cbuf) noexcept nogil:
+    """The client of a just-accepted socket already closed it, leaving nothing to read
+    (see unix._gone): peek for EOF, 0 bytes and no control data."""
+    cdef msghdr msg
+    cdef iovec iov
+    cdef char byte
+    cdef ssize_t n
+    iov.iov_base = &byte
+    iov.iov_len = 1
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = &iov
+    msg.msg_iovlen = 1
+    msg.msg_control = cbuf
+    msg.msg_controllen = CMSG_SPACE(sizeof(ucred))
+    n = recvmsg(fd, &msg, MSG_PEEK | MSG_DONTWAIT)
+    return n == 0 and msg.msg_controllen == 0
+
+
 cdef inline void memcpy_ucred(ucred *dst, const unsigned char *src) noexcept nogil:
     cdef const unsigned char *s = src
     cdef unsigned char *d = <unsigned char *>dst
@@ -1073,6 +1091,9 @@ cdef class ServerTransport:
                 if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
                     self._pause_accept()
                 return
+            if _gone(fd, self.cbuf):
+                close(fd)  # nothing queued, nothing in flight: this close cannot block
+                continue
             if self.pass_on_accept:
                 setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one))
             conn = Conn.__new__(Conn, None, True, self.pidfs)

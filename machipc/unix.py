@@ -84,6 +84,7 @@ ARENA_PACKET = HEADER_SIZE + ARENA_REF_SIZE
 _UCRED = struct.Struct("=iII")
 #: Room for credentials, a pidfd and up to 253 unexpected fds (so they can be closed).
 CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4) + socket.CMSG_SPACE(253 * 4)
+_PEEK_CMSG = socket.CMSG_SPACE(_UCRED.size)
 _ids = itertools.count(1)
 _POLL_EVERY = 64  # poll epoll at least this often while connections stay ready
 
@@ -498,6 +499,20 @@ class Conn:
         self._release_fd()
 
 
+def _gone(sock: socket.socket) -> bool:
+    """True if the client of a just-accepted socket already closed it and left
+    nothing to read (EOF: 0 bytes and no control data, §1 of docs/protocol.md).
+
+    Such connections (a connect flood) are closed at once instead of being
+    counted against their uid until their EOF is read.
+    """
+    try:
+        data, anc, _flags, _addr = sock.recvmsg(1, _PEEK_CMSG, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing queued (EAGAIN): a live client
+        return False
+    return not data and not anc
+
+
 def _rights(fd: int) -> list:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
 
@@ -617,6 +632,9 @@ class ServerTransport:
                 if exc.errno == errno.ECONNABORTED:
                     continue
                 raise
+            if _gone(sock):
+                sock.close()  # nothing queued, nothing in flight: this close cannot block
+                continue
             if self.pass_on_accept:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             conn = Conn(sock, True, self._pidfs)
