@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING, Optional
 
 from . import payload
 from .errors import InvalidArgument
-from .wire import ErrorCode, Kind, pack_error
+from .wire import INLINE_MAX, ErrorCode, Kind, pack_error
 
 if TYPE_CHECKING:
     from .peer import Peer
 
 __all__ = ["Message"]
+
+_REPLY = int(Kind.REPLY)  # a plain int: the enum attribute lookup costs more than the send's checks
 
 
 class Message:
@@ -69,7 +71,10 @@ class Message:
         MessageTooLarge over the size limit, PeerGone if the client left.
         """
         self._check_answerable()
-        payload.send(self._conn, Kind.REPLY, self.request_id, data, self._reply_timeout, self._limit)
+        if type(data) is bytes and len(data) <= INLINE_MAX:  # the common case: straight to the transport
+            self._conn.send(_REPLY, self.request_id, data, self._reply_timeout)
+        else:
+            payload.send(self._conn, _REPLY, self.request_id, data, self._reply_timeout, self._limit)
         self._answered = True
 
     def buffer(self, size: int) -> "payload.LoanBuffer":

@@ -32,6 +32,7 @@ log = logging.getLogger("machipc")
 
 # Plain ints for the per-message path (enum attribute lookups cost more than the check).
 _OK, _CLOSED, _REQUEST = int(Drop.OK), int(Drop.CLOSED), int(Kind.REQUEST)
+_SERVE_BATCH = 32  # messages serve() takes per receive (those already queued, never waiting for more)
 MiB = 1024 * 1024
 
 Handler = Callable[[Message], Union[bytes, bytearray, memoryview, None]]
@@ -254,7 +255,9 @@ class Server:
         """Like ``receive``, then also take what is already queued, up to ``max_count``.
 
         Waits (up to ``timeout``) only for the first message; per-sender order
-        is kept and every message is policy-checked like ``receive``.
+        is kept and every message is policy-checked like ``receive``. It looks
+        at no more than ``max_count`` packets after the first message (refused
+        ones count), so a flood of refused packets cannot hold that one back.
         """
         int_arg(max_count, "max_count", 1)
         return self._receive(timeout, max_count)
@@ -272,6 +275,7 @@ class Server:
         self._check_not_forked()
         deadline = deadline_of(timeout)
         batch: list[Message] = []
+        looked = 0  # packets taken since the first message: refused ones count too
         with self._recv_lock:
             self._receiver = threading.get_ident()
             try:
@@ -291,7 +295,11 @@ class Server:
                     del got  # holds a closed connection's Conn (and so its fd) while we block
                     if msg is not None:
                         batch.append(msg)
-                        if len(batch) == max_count:
+                    if batch:
+                        # Bounded by packets, not messages: under a flood of refused packets the
+                        # messages already taken must not wait for max_count allowed ones.
+                        looked += 1
+                        if looked == max_count:
                             return batch
             finally:
                 self._receiver = None
@@ -486,15 +494,21 @@ class Server:
         try:
             while True:
                 try:
-                    msg = self.receive()
+                    # What is queued, in one go (waits only for the first): the receive lock,
+                    # deadline and list are set up once per batch, not once per message. With
+                    # workers, one at a time: the pool's bounded queue is the back-pressure.
+                    batch = self._receive(None, _SERVE_BATCH if pool is None else 1)
                 except ServerClosed:
                     graceful = not self._closed
                     break
-                if pool is None:
-                    self._dispatch(handler, msg)
-                else:
-                    pool.submit(msg)
-                del msg  # drop the last connection's reference so its fd can close
+                for msg in batch:
+                    if self._closed:  # close() from a handler: the rest is not handled
+                        break
+                    if pool is None:
+                        self._dispatch(handler, msg)
+                    else:
+                        pool.submit(msg)
+                batch = msg = None  # drop the last connections' references so their fds can close
             if graceful:
                 deadline = deadline_of(drain_timeout)
                 self._drain(handler, pool, deadline)
@@ -619,7 +633,10 @@ class Server:
             if msg.expects_reply and not msg.answered:
                 self._answer(msg.fail, f"handler raised {type(exc).__name__}")
             return
-        if msg.expects_reply and not msg.answered:
+        if msg.request_id and not msg._answered:  # (the slots: properties cost more than the check)
+            if result is None or type(result) is bytes:  # the common case: no need to ask refuse_result
+                self._answer(msg.reply, b"" if result is None else result, msg)
+                return
             wrong = refuse_result(self.stats, msg, result)
             if wrong is not None:
                 self._answer(msg.fail, wrong)
