@@ -194,6 +194,7 @@ class Server:
     # -- reading
 
     def _bind(self) -> asyncio.AbstractEventLoop:
+        self.sync._check_not_forked()  # ServerClosed in a fork()ed child: the sockets are the parent's
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -493,7 +494,12 @@ class Server:
             self._wake()
 
     def close(self) -> None:
-        """Stop listening, disconnect clients, remove the socket file (idempotent)."""
+        """Stop listening, disconnect clients, remove the socket file (idempotent).
+
+        In a fork()ed child it only lets go of the inherited fds (see Server.close).
+        """
+        if self.sync._fork_generation != forking.generation:
+            self._reading = False  # the inherited loop's epoll set is the parent's too: leave it
         self._stop_reading()
         self._stopping = True
         self.sync.close()

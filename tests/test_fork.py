@@ -126,3 +126,32 @@ def test_aio_client_in_forked_child(impl, sockdir):
     code = PRELUDE + textwrap.dedent(body) + "\nprint('OK', flush=True)\n"
     done = subprocess.run([sys.executable, "-c", code, sockdir, impl], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr[-3000:]
+
+
+def test_aio_server_in_forked_child(impl, sockdir):
+    body = """
+        from machipc import aio
+        import asyncio
+        asrv = aio.Server("org.test.fork.aio", directory=D, impl=IMPL)
+        def child():
+            async def use():
+                try:
+                    await asrv.receive(timeout=1)
+                except machipc.ServerClosed as exc:
+                    assert "fork" in str(exc), exc
+                else:
+                    raise AssertionError("a forked child received on its parent's aio.Server")
+            asyncio.run(use())
+            asrv.close()
+        wait(in_child(child))
+        assert os.path.exists(asrv.sync.path)
+        other = machipc.Client("org.test.fork.aio", directory=D, impl=IMPL, timeout=30)
+        async def serve_one():
+            got = await asrv.receive(timeout=30)
+            return bytes(got.data)
+        other.send(b"to the parent")
+        assert asyncio.run(serve_one()) == b"to the parent"
+    """
+    code = PRELUDE + textwrap.dedent(body) + "\nprint('OK', flush=True)\n"
+    done = subprocess.run([sys.executable, "-c", code, sockdir, impl], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr[-3000:]
