@@ -349,7 +349,8 @@ class Server:
 
     def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision) -> None:
         self.stats.rejected += 1
-        self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, printable(decision.reason))
+        # The reason is escaped only if the line is written (most are not: rate-limited).
+        self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, _Printable(decision.reason))
         if not decision.known:
             self.stats.unknown += 1
         if kind == _REQUEST:
@@ -798,5 +799,17 @@ def _rejection_text(peer: Peer, decision: Decision) -> str:
     return "rejected by the server's policy"
 
 
+class _Printable:
+    """``printable(text)`` when formatted: a log argument escaped only if the line is written."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return printable(self.text)
+
+
 def _kind_name(kind: int) -> str:
-    return "request" if kind == Kind.REQUEST else "message"
+    return "request" if kind == _REQUEST else "message"
