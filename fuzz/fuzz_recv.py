@@ -62,6 +62,11 @@ def feed(tx, conn, data: bytes, fds: list[int]):
         return "unsent"
     got = conn.recv_nowait()
     assert got is not None, "a sent packet must be received"
+    if fds:
+        # Let the closer thread finish with this packet's fds first: if they piled up,
+        # the next packet's fds would hit RLIMIT_NOFILE and the kernel would cut the
+        # control data (CTRUNC) for one twin and not the other, a harness artefact.
+        _closer.flush()
     status, _conn, kind, flags, rid, payload, pid, uid, gid, pidfd = got
     if pidfd >= 0:
         os.close(pidfd)
