@@ -271,7 +271,10 @@ class Server:
                 "receive on it (make a Server in the child, or fork before making it)"
             )
 
-    def _receive(self, timeout: Optional[float], max_count: int) -> list[Message]:
+    def _receive(self, timeout: Optional[float], max_count: int, inline_only: bool = False) -> list[Message]:
+        """Up to ``max_count`` messages (see receive_many). ``inline_only``: a message whose
+        payload came out of line (a mapped memfd or a copied arena region) ends the batch, so
+        large payloads are not held all at once (the copies' memory pool could not reuse them)."""
         self._check_not_forked()
         deadline = deadline_of(timeout)
         batch: list[Message] = []
@@ -295,6 +298,8 @@ class Server:
                     del got  # holds a closed connection's Conn (and so its fd) while we block
                     if msg is not None:
                         batch.append(msg)
+                        if inline_only and msg.data.__class__ is not bytes:
+                            return batch
                     if batch:
                         # Bounded by packets, not messages: under a flood of refused packets the
                         # messages already taken must not wait for max_count allowed ones.
@@ -498,7 +503,7 @@ class Server:
                     # What is queued, in one go (waits only for the first): the receive lock,
                     # deadline and list are set up once per batch, not once per message. With
                     # workers, one at a time: the pool's bounded queue is the back-pressure.
-                    batch = self._receive(None, _SERVE_BATCH if pool is None else 1)
+                    batch = self._receive(None, _SERVE_BATCH if pool is None else 1, True)
                 except ServerClosed:
                     graceful = not self._closed
                     break
