@@ -642,3 +642,32 @@ def test_enforce_false_still_takes_the_payload(serve, client):
     buf[:] = b"m" * (2 * MiB)
     assert cli.request(buf, timeout=10) == b"%d" % (2 * MiB)  # a sealed memfd
     assert srv.stats.would_reject == 2 and srv.stats.rejected == 0
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_aio_server_maps_payloads_of_allowed_senders_only(impl, sockdir, allowed):
+    """machipc.aio goes through the same admission: a rejected sender's arena is never mapped."""
+    import asyncio
+
+    from machipc import aio
+
+    policy = machipc.policies.SameUser() if allowed else machipc.policies.Allowlist(uids={12345})
+
+    held = []  # the handler keeps its messages' payloads mapped
+
+    async def main():
+        async with aio.Server("org.test.aio", policy, directory=sockdir, impl=impl) as srv:
+            serving = asyncio.create_task(srv.serve(lambda m: held.append(m.data) or b"%d" % len(m.data)))
+            async with aio.Client("org.test.aio", directory=sockdir, impl=impl) as cli:
+                for _ in range(3):
+                    try:
+                        assert await cli.request(b"a" * (200 * 1024), timeout=10) == b"204800"
+                    except machipc.Rejected:
+                        assert not allowed
+                mapped = srv.sync._transport.budget.used  # memfds held, or the client's arena
+            srv.stop()
+            await serving
+            return mapped
+
+    mapped = asyncio.run(main())
+    assert (mapped > 0) == allowed, mapped
