@@ -46,7 +46,7 @@ from collections import deque
 from typing import Optional
 
 from .deadline import deadline_of, remaining
-from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
+from .errors import IPCError, IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
 from . import arena
 from ._closer import close_all_received, close_later, connection_owner
 from .budget import Account, ConnLimits
@@ -96,6 +96,15 @@ def _sealable(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _send_failed(exc: OSError) -> IPCError:
+    """The error a failed ``sendmsg`` raises: PeerGone once the peer or our socket is gone."""
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError, ConnectionRefusedError)):
+        return PeerGone(f"send: the peer closed the connection ({exc.strerror})")
+    if exc.errno == errno.EBADF:
+        return PeerGone("send: the connection is closed")
+    return error_from_errno(exc.errno, "send")
 
 
 class Conn:
@@ -182,12 +191,8 @@ class Conn:
             return True
         except BlockingIOError:
             return False
-        except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
-            raise PeerGone(f"send: the peer closed the connection ({exc.strerror})") from None
         except OSError as exc:
-            if exc.errno == errno.EBADF:
-                raise PeerGone("send: the connection is closed") from None
-            raise error_from_errno(exc.errno, "send") from None
+            raise _send_failed(exc) from None
         finally:
             self._leave()
 
@@ -233,12 +238,8 @@ class Conn:
                 return
             except BlockingIOError:
                 pass
-            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
-                raise PeerGone(f"send: the peer closed the connection ({exc.strerror})") from None
             except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    raise PeerGone("send: the connection is closed") from None
-                raise error_from_errno(exc.errno, "send") from None
+                raise _send_failed(exc) from None
             left = remaining(deadline)
             if left == 0.0:
                 raise IPCTimeoutError(f"send: the peer's queue stayed full for {timeout} s")
