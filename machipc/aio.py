@@ -616,11 +616,8 @@ class Client:
     def _check(self, data) -> None:
         if self._dead is not None:
             raise type(self._dead)(*self._dead.args)
-        size = payload.size_of(data)
-        if self.sync is not None:  # connected: its limit, and the server's once its HELLO is read
-            self.sync._check_size(size)
-        elif size > self.max_size:
-            raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
+        # The server's limit is known once connected and its HELLO is read.
+        _client.check_size(payload.size_of(data), self.max_size, None if self.sync is None else self.sync.server_limits)
 
     def _on_readable(self) -> None:
         for _ in range(BATCH):

@@ -100,6 +100,15 @@ def decode_reply(name: str, got: tuple, server_policy=None) -> tuple[int, Option
     return rid, None, _ERRORS.get(code, RemoteError)(text)
 
 
+def check_size(size: int, max_size: int, limits: Optional[Limits]) -> None:
+    """MessageTooLarge when ``size`` bytes are over ``max_size`` or the server's announced
+    limit (``limits``: its HELLO, None while unknown), so a payload is refused before the transfer."""
+    if size > max_size:
+        raise MessageTooLarge(f"payload of {size} bytes is over the {max_size}-byte limit")
+    if limits is not None and size > limits.max_size:
+        raise MessageTooLarge(f"payload of {size} bytes is over the server's limit of {limits.max_size} bytes")
+
+
 class Client:
     """A connection to the server of service ``name``.
 
@@ -245,12 +254,7 @@ class Client:
             self._wake_followers()  # a request that found the lock taken must not wait for us
 
     def _check_size(self, size: int) -> None:
-        """MessageTooLarge when ``size`` bytes are over ``max_size`` or the server's announced limit."""
-        if size > self.max_size:
-            raise MessageTooLarge(f"payload of {size} bytes is over the {self.max_size}-byte limit")
-        limits = self.server_limits
-        if limits is not None and size > limits.max_size:  # refused here, not after the transfer
-            raise MessageTooLarge(f"payload of {size} bytes is over the server's limit of {limits.max_size} bytes")
+        check_size(size, self.max_size, self.server_limits)
 
     def buffer(self, size: int) -> payload.LoanBuffer:
         """A writable ``size``-byte buffer to build a payload in place.
