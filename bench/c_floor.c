@@ -1,10 +1,20 @@
 /*
  * c_floor: the physical floor of machipc's Linux path, measured in C.
  *
- * Raw AF_UNIX SOCK_SEQPACKET. The server sets SO_PASSCRED and SO_PASSPIDFD
- * before listen(), reads SCM_CREDENTIALS from every packet, closes the pidfd
- * the kernel attaches to every packet, and checks that the pid the client
- * wrote into the payload is the pid the kernel reported. Payloads above
+ * Raw AF_UNIX SOCK_SEQPACKET. The server sets SO_PASSCRED before listen(),
+ * reads SCM_CREDENTIALS from every packet and checks that the pid the client
+ * wrote into the payload is the pid the kernel reported. It pins that pid the
+ * way machipc's transport does: a pidfd of the connecting process taken at
+ * accept (SO_PEERCRED + SO_PEERPIDFD), and per packet from that pid one
+ * pidfd_send_signal(pidfd, 0) showing the process still alive after the
+ * packet was dequeued (so its pid cannot have been reused). Variants, set by
+ * C_FLOOR_IDENTITY in the server's environment:
+ *   pin      (default) as above: machipc's per-packet path;
+ *   pidfd    SO_PASSPIDFD too: the kernel attaches a new pidfd to every
+ *            packet, which the server closes (machipc's fallback for a
+ *            connection used by a second process), no pin;
+ *   nopidfd  credentials only: no pidfd at all.
+ * Payloads above
  * 64 KiB travel as a fresh sealed memfd per message (SCM_RIGHTS); the server
  * maps it read-only and copies it out into a private buffer.
  *
@@ -36,12 +46,16 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #ifndef SO_PASSPIDFD
 #define SO_PASSPIDFD 76
+#endif
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
 #endif
 #ifndef SCM_PIDFD
 #define SCM_PIDFD 4
@@ -88,9 +102,13 @@ static uint64_t now_ns(void) {
 
 struct conn {
     int used;
+    pid_t peer_pid; /* pin: the connecting process and its pidfd (-1: none) */
+    int peer_pidfd;
     uint64_t next_seq, received, errors;
 };
 
+enum identity { PIN, PIDFD, NOPIDFD };
+static enum identity identity = PIN;
 static struct conn conns[MAX_FDS];
 static unsigned char *copy_buf; /* private, reused copy of memfd payloads */
 static size_t copy_cap;
@@ -176,6 +194,8 @@ static int serve_one(int fd) {
     struct hdr *h = (struct hdr *)buf;
     if (!bad && (pid_t)h->pid != kpid)
         bad = 1;
+    if (!bad && identity == PIN && (kpid != c->peer_pid || syscall(SYS_pidfd_send_signal, c->peer_pidfd, 0, NULL, 0) < 0))
+        bad = 1; /* not the pinned process, or it is gone: its pid may be another's now */
     switch (bad ? 0 : h->tag) {
     case 'R':
         if (send(fd, buf, (size_t)n, 0) < 0)
@@ -218,7 +238,7 @@ static int listen_on(const char *path) {
     int one = 1;
     if (setsockopt(ls, SOL_SOCKET, SO_PASSCRED, &one, sizeof one) < 0)
         die("SO_PASSCRED");
-    if (!getenv("C_FLOOR_NO_PIDFD") && setsockopt(ls, SOL_SOCKET, SO_PASSPIDFD, &one, sizeof one) < 0 && errno != ENOPROTOOPT && errno != EINVAL)
+    if (identity == PIDFD && setsockopt(ls, SOL_SOCKET, SO_PASSPIDFD, &one, sizeof one) < 0)
         die("SO_PASSPIDFD");
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof sa.sun_path) {
@@ -257,8 +277,18 @@ static void serve(int ls) {
                     close(cfd);
                     continue;
                 }
-                memset(&conns[cfd], 0, sizeof conns[cfd]);
-                conns[cfd].used = 1;
+                struct conn *c = &conns[cfd];
+                memset(c, 0, sizeof *c);
+                c->used = 1;
+                c->peer_pidfd = -1;
+                if (identity == PIN) {
+                    struct ucred uc;
+                    socklen_t n = sizeof uc, m = sizeof c->peer_pidfd;
+                    if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &uc, &n) < 0 ||
+                        getsockopt(cfd, SOL_SOCKET, SO_PEERPIDFD, &c->peer_pidfd, &m) < 0)
+                        die("SO_PEERCRED/SO_PEERPIDFD");
+                    c->peer_pid = uc.pid;
+                }
                 struct epoll_event cev = {.events = EPOLLIN, .data.fd = cfd};
                 epoll_ctl(ep, EPOLL_CTL_ADD, cfd, &cev);
                 continue;
@@ -269,6 +299,8 @@ static void serve(int ls) {
                 if (r < 0) {
                     epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
                     close(fd);
+                    if (conns[fd].peer_pidfd >= 0)
+                        close(conns[fd].peer_pidfd);
                     conns[fd].used = 0;
                     break;
                 }
@@ -488,6 +520,13 @@ static void usage(void) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
+    const char *id = getenv("C_FLOOR_IDENTITY");
+    if (id && strcmp(id, "pidfd") == 0)
+        identity = PIDFD;
+    else if (id && strcmp(id, "nopidfd") == 0)
+        identity = NOPIDFD;
+    else if (id && *id && strcmp(id, "pin") != 0)
+        usage();
     if (argc == 3 && strcmp(argv[1], "serve") == 0) {
         int ls = listen_on(argv[2]);
         printf("READY %d\n", (int)getpid());

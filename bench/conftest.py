@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import itertools
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,9 +28,12 @@ HERE = Path(__file__).resolve().parent
 C_FLOOR_SRC = HERE / "c_floor.c"
 C_FLOOR = HERE / "bin" / "c_floor"
 
-#: Every backend, in table order. "c" is the C floor; "c-nopidfd" the same
-#: without SO_PASSPIDFD (credentials only), to show what the pidfd costs.
-BACKENDS = ["c", "c-nopidfd", "socket", "mpconn", "zmq", "machipc-py", "machipc-c"]
+#: Every backend, in table order. "c" is the C floor (machipc's per-packet path:
+#: credentials and a liveness check of the pidfd pinned at accept); "c-pidfd" gets a
+#: new pidfd with every packet instead (SO_PASSPIDFD); "c-nopidfd" has credentials only.
+BACKENDS = ["c", "c-pidfd", "c-nopidfd", "socket", "mpconn", "zmq", "machipc-py", "machipc-c"]
+#: The C floor's variants, measured only one-to-one with 64 B messages.
+C_VARIANTS = {"c-pidfd": "pidfd", "c-nopidfd": "nopidfd"}
 PY_BACKENDS = ["socket", "mpconn", "zmq", "machipc-py", "machipc-c"]
 START_TIMEOUT = 30.0
 
@@ -202,7 +206,7 @@ def start_server(backend: str, sockdir: str, policy: str = "sameuser", cpus: set
     need(backend)
     addr = os.path.join(sockdir, f"s{next(_serial)}")
     if backend.startswith("c"):
-        env = {"C_FLOOR_NO_PIDFD": "1"} if backend == "c-nopidfd" else None
+        env = {"C_FLOOR_IDENTITY": C_VARIANTS.get(backend, "pin")}
         return Proc([str(C_FLOOR), "serve", addr], env=env, cpus=cpus), addr
     name, _, impl = backend.partition("-")
     argv = [sys.executable, str(HERE / "peers.py"), "serve", name, addr, "--impl", impl or "py", "--policy", policy]
@@ -265,8 +269,44 @@ def pair(request, sockdir):
         os.sched_setaffinity(0, saved)
 
 
-def run_case(benchmark, quick: bool, fn, *, case: str, backend: str, messages: int, size: int, kind: str, rounds=(3, 10), **extra):
-    """Time ``fn`` in pedantic mode: one round moves ``messages`` messages of ``size`` bytes."""
+def process_cpu_ns(pid: int) -> int:
+    """Nanoseconds process ``pid`` has spent on a CPU so far, all its threads (live or exited).
+
+    The kernel's per-process CPU clock, what ``clock_getcpuclockid(3)`` returns:
+    MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) = ``(~pid << 3) | 2``
+    (include/linux/posix-timers.h), the sum of the threads' ``sum_exec_runtime``
+    (kernel/time/posix-cpu-timers.c) -- user and system time, the counter
+    ``/proc/PID/task/*/schedstat`` shows per thread. Nanosecond resolution,
+    unlike the tick-based utime/stime of ``/proc/PID/stat``. Raises OSError
+    when the process is gone.
+    """
+    return time.clock_gettime_ns(((~pid) << 3) | 2)
+
+
+WARMUP_ROUNDS = 1
+
+
+def run_case(benchmark, quick: bool, fn, *, case: str, backend: str, messages: int, size: int, kind: str, rounds=(3, 10),
+             server: Proc | None = None, **extra):
+    """Time ``fn`` in pedantic mode: one round moves ``messages`` messages of ``size`` bytes.
+
+    With ``server`` (its process), also the server's CPU time per message:
+    process CPU time read before and after each round (see process_cpu_ns), the
+    median over the timed rounds divided by ``messages``, stored in
+    ``extra_info["server_cpu_ns_per_msg"]``. A round ends only when the server
+    has handled its last message (sync reply or echo), so the round holds all
+    of its work (plus that one sync message).
+    """
     benchmark.group = case
     benchmark.extra_info.update(case=case, backend=backend, messages=messages, size=size, kind=kind, quick=quick, **extra)
-    benchmark.pedantic(fn, rounds=rounds[0] if quick else rounds[1], iterations=1, warmup_rounds=1)
+    timed, cpu = fn, []
+    if server is not None:
+        def timed():
+            before = process_cpu_ns(server.pid)
+            fn()
+            cpu.append(process_cpu_ns(server.pid) - before)
+
+    benchmark.pedantic(timed, rounds=rounds[0] if quick else rounds[1], iterations=1, warmup_rounds=WARMUP_ROUNDS)
+    if cpu[WARMUP_ROUNDS:]:
+        per_round = sorted(cpu[WARMUP_ROUNDS:])
+        benchmark.extra_info["server_cpu_ns_per_msg"] = round(per_round[len(per_round) // 2] / messages, 1)

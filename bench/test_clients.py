@@ -8,7 +8,7 @@ to itself and the clients share the other.
 
 import pytest
 
-from conftest import BACKENDS, Driven, need, placement, run_case, start_server
+from conftest import BACKENDS, C_VARIANTS, Driven, need, placement, run_case, start_server
 
 SIZE = 64
 
@@ -16,8 +16,8 @@ SIZE = 64
 @pytest.fixture
 def fleet(request, sockdir):
     backend, k = request.param
-    if backend == "c-nopidfd":
-        pytest.skip("the pidfd-less floor is only measured one-to-one")
+    if backend in C_VARIANTS:
+        pytest.skip("the C floor's variants are only measured one-to-one")
     need(backend)
     server_cpus, client_cpus = placement("split")  # the server has a CPU, the clients share the other
     server, addr = start_server(backend, sockdir, cpus=server_cpus)
@@ -25,7 +25,7 @@ def fleet(request, sockdir):
     try:
         for _ in range(k):
             clients.append(Driven(backend, addr, client_cpus))
-        yield backend, k, clients
+        yield backend, k, clients, server
     finally:
         for c in clients:
             c.close()
@@ -35,7 +35,7 @@ def fleet(request, sockdir):
 @pytest.mark.parametrize("fleet", [(b, k) for k in (1, 4, 16) for b in BACKENDS], indirect=True,
                          ids=lambda p: f"{p[0]}-{p[1]}")
 def test_clients(benchmark, fleet, quick):
-    backend, k, clients = fleet
+    backend, k, clients, server = fleet
     per = max(50, (400 if quick else 2000) // k)
 
     def round_():
@@ -45,4 +45,4 @@ def test_clients(benchmark, fleet, quick):
             c.finish()
 
     run_case(benchmark, quick, round_, case=f"{k} client{'s' if k > 1 else ''} rtt 64 B", backend=backend, messages=per * k, size=SIZE,
-             kind="throughput", clients=k, rounds=(3, 8))
+             kind="throughput", clients=k, rounds=(3, 8), server=server)

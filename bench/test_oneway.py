@@ -14,7 +14,7 @@ SIZE = 64
 @pytest.mark.parametrize("pair", [P(b, "split") for b in BACKENDS], indirect=True)
 def test_oneway_64(benchmark, pair, quick):
     n = 5000 if quick else 20000
-    run_case(benchmark, quick, lambda: pair.client.oneway(SIZE, n), case="one-way 64 B", backend=pair.backend,
+    run_case(benchmark, quick, lambda: pair.client.oneway(SIZE, n), case="one-way 64 B", backend=pair.backend, server=pair.server,
              messages=n, size=SIZE, kind="throughput")
 
 
@@ -34,4 +34,4 @@ def test_oneway_batched_64(benchmark, pair, quick):
         pytest.skip("machipc.Client has no batch API (send_many) yet")
     n = 5000 if quick else 20000
     run_case(benchmark, quick, lambda: pair.client.batch(SIZE, n, BATCH), case=f"one-way batched 64 B (x{BATCH})",
-             backend=pair.backend, messages=n, size=SIZE, kind="throughput", batch=BATCH)
+             backend=pair.backend, server=pair.server, messages=n, size=SIZE, kind="throughput", batch=BATCH)

@@ -13,7 +13,7 @@ import ctypes
 import pytest
 
 import machipc
-from conftest import BACKENDS, P, run_case
+from conftest import BACKENDS, C_VARIANTS, P, run_case
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [1 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
@@ -28,15 +28,15 @@ def label(size):
 @pytest.mark.parametrize("pair", [P(b, "split") for b in BACKENDS], indirect=True)
 @pytest.mark.parametrize("size", SIZES, ids=label)
 def test_payload(benchmark, pair, quick, size):
-    if pair.backend == "c-nopidfd":
-        pytest.skip("the pidfd-less floor is only measured for 64 B messages")
+    if pair.backend in C_VARIANTS:
+        pytest.skip("the C floor's variants are only measured for 64 B messages")
     n = COUNTS[size][1 if quick else 0]
     if pair.backend.startswith("machipc"):
         try:
             pair.client.oneway(size, 1)
         except machipc.MessageTooLarge as exc:
             pytest.skip(f"machipc: {exc} (large payloads come with the memfd path)")
-    run_case(benchmark, quick, lambda: pair.client.oneway(size, n), case=f"payload {label(size)}", backend=pair.backend,
+    run_case(benchmark, quick, lambda: pair.client.oneway(size, n), case=f"payload {label(size)}", backend=pair.backend, server=pair.server,
              messages=n, size=size, kind="throughput", rounds=(2, 5) if size >= 16 * MiB else (3, 10))
 
 

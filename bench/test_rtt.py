@@ -17,12 +17,12 @@ PLACES = {"same": "rtt 64 B, same CPU", "split": "rtt 64 B, cross-CPU"}
 @pytest.mark.parametrize("pair", [P(b, "same") for b in BACKENDS], indirect=True)
 def test_rtt_64_same_cpu(benchmark, pair, quick):
     n = 500 if quick else 3000
-    run_case(benchmark, quick, lambda: pair.client.rtt(SIZE, n), case=PLACES["same"], backend=pair.backend,
+    run_case(benchmark, quick, lambda: pair.client.rtt(SIZE, n), case=PLACES["same"], backend=pair.backend, server=pair.server,
              messages=n, size=SIZE, kind="latency", place="same")
 
 
 @pytest.mark.parametrize("pair", [P(b, "split") for b in BACKENDS], indirect=True)
 def test_rtt_64_cross_cpu(benchmark, pair, quick):
     n = 300 if quick else 2000
-    run_case(benchmark, quick, lambda: pair.client.rtt(SIZE, n), case=PLACES["split"], backend=pair.backend,
+    run_case(benchmark, quick, lambda: pair.client.rtt(SIZE, n), case=PLACES["split"], backend=pair.backend, server=pair.server,
              messages=n, size=SIZE, kind="latency", place="split")
