@@ -201,15 +201,19 @@ def sockdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def start_server(backend: str, sockdir: str, policy: str = "sameuser", cpus: set[int] | None = None) -> tuple[Proc, str]:
-    """Start ``backend``'s server in its own process; returns it and its address."""
+def start_server(backend: str, sockdir: str, policy: str = "sameuser", cpus: set[int] | None = None,
+                 loop: str = "serve") -> tuple[Proc, str]:
+    """Start ``backend``'s server in its own process; returns it and its address.
+
+    ``loop``: how a machipc server takes its messages (peers.serve_machipc).
+    """
     need(backend)
     addr = os.path.join(sockdir, f"s{next(_serial)}")
     if backend.startswith("c"):
         env = {"C_FLOOR_IDENTITY": C_VARIANTS.get(backend, "pin")}
         return Proc([str(C_FLOOR), "serve", addr], env=env, cpus=cpus), addr
     name, _, impl = backend.partition("-")
-    argv = [sys.executable, str(HERE / "peers.py"), "serve", name, addr, "--impl", impl or "py", "--policy", policy]
+    argv = [sys.executable, str(HERE / "peers.py"), "serve", name, addr, "--impl", impl or "py", "--policy", policy, "--loop", loop]
     return Proc(argv, cpus=cpus), addr
 
 
@@ -241,17 +245,17 @@ def placement(place: str | None) -> tuple[set[int] | None, set[int] | None]:
     return {cpus[1]}, {cpus[0]}
 
 
-def P(backend: str, place: str | None = None, policy: str = "sameuser", id: str | None = None):
+def P(backend: str, place: str | None = None, policy: str = "sameuser", id: str | None = None, loop: str = "serve"):
     """A ``pair`` parameter with a readable id."""
-    return pytest.param((backend, policy, place), id=id or backend)
+    return pytest.param((backend, policy, place, loop), id=id or backend)
 
 
 @pytest.fixture
 def pair(request, sockdir):
-    """Server process and client for ``request.param`` = (backend, policy, placement)."""
-    backend, policy, place = request.param
+    """Server process and client for ``request.param`` = (backend, policy, placement, loop)."""
+    backend, policy, place, loop = request.param
     server_cpus, client_cpus = placement(place)
-    server, addr = start_server(backend, sockdir, policy, server_cpus)
+    server, addr = start_server(backend, sockdir, policy, server_cpus, loop)
     saved = os.sched_getaffinity(0)
     try:
         if client_cpus:

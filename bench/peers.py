@@ -17,7 +17,7 @@ with proof that every message arrived, in order, from the right process.
 
 Run as a program::
 
-    python peers.py serve BACKEND ADDR [--impl py|c] [--policy sameuser|allowall]
+    python peers.py serve BACKEND ADDR [--impl py|c] [--policy sameuser|allowall] [--loop serve|receive_many]
     python peers.py drive BACKEND ADDR [--impl py|c]   # stdin commands, like c_floor drive
 
 Backends: ``socket`` (raw SEQPACKET + SCM_CREDENTIALS), ``mpconn``
@@ -414,7 +414,9 @@ def _policy(name: str):
     return {"sameuser": machipc.policies.SameUser, "allowall": machipc.policies.AllowAll}[name]()
 
 
-def serve_machipc(path: str, impl: str = "py", policy: str = "sameuser", **_) -> None:
+def serve_machipc(path: str, impl: str = "py", policy: str = "sameuser", loop: str = "serve", **_) -> None:
+    """A machipc server with a counting handler, run by ``srv.serve(handler)`` or, with
+    ``loop="receive_many"``, by a ``receive_many()`` loop calling the same handler."""
     import machipc
 
     directory, name = os.path.split(path)
@@ -436,8 +438,23 @@ def serve_machipc(path: str, impl: str = "py", policy: str = "sameuser", **_) ->
         return b"E"
 
     ready(srv.implementation)
-    srv.serve(handler)
+    if loop == "serve":
+        srv.serve(handler)
+    else:
+        receive_many_loop(srv, handler)
     srv.close()
+
+
+def receive_many_loop(srv, handler) -> None:
+    """What a user who batches runs instead of ``serve()``: take what is queued with
+    ``receive_many()`` (its default batch), hand each message to the handler, answer
+    requests with its result. Until SIGTERM ends the process."""
+    receive_many = srv.receive_many
+    while True:
+        for msg in receive_many():
+            result = handler(msg)
+            if msg.expects_reply:
+                msg.reply(result or b"")
 
 
 class MachipcClient:
@@ -520,9 +537,10 @@ def main(argv=None) -> None:
     ap.add_argument("addr")
     ap.add_argument("--impl", default="py", choices=["py", "c"])
     ap.add_argument("--policy", default="sameuser", choices=["sameuser", "allowall"])
+    ap.add_argument("--loop", default="serve", choices=["serve", "receive_many"], help="machipc's server loop")
     args = ap.parse_args(argv)
     if args.role == "serve":
-        SERVERS[args.backend](args.addr, impl=args.impl, policy=args.policy)
+        SERVERS[args.backend](args.addr, impl=args.impl, policy=args.policy, loop=args.loop)
     else:
         drive(CLIENTS[args.backend](args.addr, impl=args.impl))
 
