@@ -32,7 +32,7 @@ from ._closer import close_all_later, close_later, connection_owner
 from .arena import forget as arena_forget, hello as arena_hello, locate as arena_locate, release_ref as arena_release_ref
 from .budget import Account, ConnLimits
 from .outbox import REPLY_QUEUE_BYTES, Outbox
-from .wire import unpack_hello
+from .wire import batch_room, unpack_hello
 from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 
@@ -53,6 +53,7 @@ CONSTANTS = {
     "BAD_ARENA": DROP_BAD_ARENA, "ARENA": FLAG_ARENA, "ARENA_REF_SIZE": ARENA_REF_SIZE,
     "UNMAPPABLE": DROP_UNMAPPABLE, "OVER_BUDGET": DROP_OVER_BUDGET, "NOT_SHMEM": DROP_NOT_SHMEM,
     "SPARSE": DROP_SPARSE, "CONN_LIMIT": DROP_CONN_LIMIT, "CLOSE_BUDGET": DROP_CLOSE_BUDGET,
+    "BATCH": FLAG_BATCH, "BAD_BATCH": DROP_BAD_BATCH, "BATCH_ITEM_SIZE": BATCH_ITEM_SIZE,
 }
 
 # Room for credentials, one pidfd and up to 253 unexpected fds (so they can be closed).
@@ -103,6 +104,17 @@ cdef inline uint64_t _le64(const uint8_t *p) noexcept nogil:
     return v
 
 
+cdef inline uint32_t _le32(const uint8_t *p) noexcept nogil:
+    return p[0] | (p[1] << 8) | (p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline void _put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    p[2] = <uint8_t>(v >> 16)
+    p[3] = <uint8_t>(v >> 24)
+
+
 cdef inline void _put64(uint8_t *p, uint64_t v) noexcept nogil:
     cdef int i
     for i in range(8):
@@ -115,10 +127,7 @@ cdef inline void _pack_header(uint8_t *h, int kind, uint64_t request_id, uint64_
     h[1] = WIRE_MAGIC >> 8
     h[2] = <uint8_t>version
     h[3] = <uint8_t>kind
-    h[4] = <uint8_t>flags
-    h[5] = <uint8_t>(flags >> 8)
-    h[6] = <uint8_t>(flags >> 16)
-    h[7] = <uint8_t>(flags >> 24)
+    _put32(h + 4, flags)
     _put64(h + 8, request_id)
     _put64(h + 16, length)
 
@@ -179,6 +188,7 @@ cdef struct Packet:
     int pidfd
     int fd             # the one SCM_RIGHTS fd kept for a PAYLOAD_FD packet, else -1
     uint64_t length    # the header's payload length
+    Py_ssize_t items   # a valid BATCH packet's item count
     int ndeferred      # received fds whose close() may block: for the closer thread
     int deferred[MAX_RIGHTS]
 
@@ -201,7 +211,7 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
             return DROP_BAD_KIND
     elif pk.kind != KIND_REPLY and pk.kind != KIND_ERROR and pk.kind != KIND_HELLO:
         return DROP_BAD_KIND
-    if pk.flags & ~(<uint32_t>KNOWN_FLAGS):
+    if pk.flags & ~(<uint32_t>KNOWN_FLAGS) or (pk.flags & FLAG_BATCH and (pk.flags != FLAG_BATCH or pk.kind != KIND_MESSAGE)):
         return DROP_BAD_FLAGS
     pk.length = length
     if pk.flags & FLAG_ARENA:
@@ -215,6 +225,67 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
     if (pk.request_id == 0) != (pk.kind == KIND_MESSAGE or pk.kind == KIND_HELLO):
         return DROP_BAD_REQUEST_ID
     return DROP_OK
+
+
+cdef Py_ssize_t _batch_count(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    """Items in a BATCH body of ``n`` bytes, 0 when it is malformed (wire.split_batch's rules:
+    one or more ``u32 LE length | bytes`` back to back, nothing cut short, nothing after)."""
+    cdef Py_ssize_t at = 0, count = 0
+    cdef uint32_t size
+    while at < n:
+        if n - at < BATCH_ITEM_SIZE:
+            return 0
+        size = _le32(p + at)
+        at += BATCH_ITEM_SIZE
+        if <Py_ssize_t>size > n - at:
+            return 0
+        at += size
+        count += 1
+    return count
+
+
+cdef list _split_batch(const uint8_t *p, Py_ssize_t count):
+    """The ``count`` items of a body _batch_count accepted, as a list of bytes."""
+    cdef list out = [None] * count
+    cdef Py_ssize_t i, at = 0
+    cdef uint32_t size
+    for i in range(count):
+        size = _le32(p + at)
+        at += BATCH_ITEM_SIZE
+        out[i] = PyBytes_FromStringAndSize(<const char *>p + at, size)
+        at += size
+    return out
+
+
+def split_batch(body):
+    """wire.split_batch in C: the items of a BATCH body (a list of bytes), None when malformed."""
+    cdef Py_buffer view
+    cdef Py_ssize_t count
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        count = _batch_count(<const uint8_t *>view.buf, view.len)
+        return _split_batch(<const uint8_t *>view.buf, count) if count else None
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef class Batch:
+    """The payload a BATCH packet is handed up as: its one-way messages, one sender.
+
+    ``len(batch)`` is the number of messages (counted when the packet was
+    checked); ``items()`` splits the body into their payloads (a list of
+    bytes, in order) only when called, so a sender the policy refuses costs no
+    per-item work.
+    """
+
+    cdef bytes body
+    cdef Py_ssize_t count
+
+    def __len__(self):
+        return self.count
+
+    def items(self):
+        return _split_batch(<const uint8_t *>(<char *>self.body), self.count)
 
 
 cdef inline void _close_received(Packet *pk, int fd) noexcept nogil:
@@ -276,6 +347,7 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     pk.pidfd = -1
     pk.fd = -1
     pk.length = 0
+    pk.items = 0
     pk.ndeferred = 0
     if n == 0 and msg.msg_controllen == 0:
         pk.status = DROP_CLOSED
@@ -322,6 +394,10 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
             pk.status = DROP_UNEXPECTED_FDS
         elif not nrights and pk.flags & FLAG_PAYLOAD_FD:
             pk.status = DROP_BAD_PAYLOAD_FD  # the flag promised an fd that did not come
+        elif pk.flags & FLAG_BATCH:
+            pk.items = _batch_count(buf + HEADER_SIZE, n - HEADER_SIZE)
+            if pk.items == 0:
+                pk.status = DROP_BAD_BATCH
     if pk.status != DROP_OK:
         if pk.fd >= 0:
             _close_received(pk, pk.fd)
@@ -449,6 +525,7 @@ cdef class Conn:
     cdef public unsigned long long max_payload  # largest memfd payload mapped
     cdef public dict arenas  # the peer's arenas: id -> mapping
     cdef public object peer_limits  # the server's wire.Limits from its HELLO (client side; None until read)
+    cdef readonly Py_ssize_t batch_room  # largest BATCH body the server takes (wire.batch_room); 0: none
     cdef public object outbox  # server side: replies waiting for the peer (machipc.outbox)
     # Server side: the MappedBudget payloads and arenas are charged to (None: no
     # limit), this connection's Account in it, and the uid that connected (SO_PEERCRED),
@@ -515,62 +592,127 @@ cdef class Conn:
             PyBuffer_Release(&view)
         self.outbox.send(self, PyBytes_FromStringAndSize(<char *>header, HEADER_SIZE), payload)
 
-    def send_many(self, int kind, list payloads, timeout):
-        """Send inline packets in order with as few ``sendmmsg`` calls as possible.
+    def send_many(self, list payloads, timeout, Py_ssize_t start=0, Py_ssize_t limit=INLINE_MAX):
+        """Send one-way messages ``payloads[start:]`` in order, up to the first that is not
+        ``bytes`` of at most ``limit`` bytes (``limit`` is capped at INLINE_MAX).
 
-        Every payload must fit inline. Waits up to ``timeout`` (for the whole
-        batch) while the peer's queue is full; on timeout the packets already
-        sent stay sent and the error says how many.
+        Returns the index of the first message not sent: that one, or
+        ``len(payloads)`` when all went. Once the server's HELLO announced
+        FEATURE_BATCH, as many messages as fit go in one BATCH packet
+        (docs/protocol.md §5.4), else one packet each; up to 64 packets per
+        ``sendmmsg``, headers and batch bodies built in C. Waits up to
+        ``timeout`` seconds (for the whole call; None: no limit) while the
+        server's queue is full, then raises IPCTimeoutError saying how many
+        went; ``timeout`` 0 never waits and returns at the first packet that
+        found the queue full. Raises PeerGone when the connection is gone.
         """
         cdef double deadline = _deadline(timeout)
-        cdef pollfd pfd
-        cdef int fd = self._enter()
+        cdef Py_ssize_t count = len(payloads)
+        cdef Py_ssize_t end
+        cdef object item
+        cdef int fd
+        if limit > INLINE_MAX:
+            limit = INLINE_MAX
+        if start < 0 or start > count:
+            raise IndexError(f"send_many: start {start} outside the {count} payloads")
+        end = start
+        while end < count:
+            item = payloads[end]
+            if type(item) is not bytes or len(<bytes>item) > limit:
+                break
+            end += 1
+        if end == start:
+            return start
+        fd = self._enter()
         try:
-            pfd.fd = fd
-            pfd.events = POLLOUT
-            self._send_batches(fd, kind, payloads, deadline, timeout, &pfd)
+            # A list of its own: another thread changing ``payloads`` cannot free a
+            # bytes object sendmmsg is reading without the GIL.
+            return start + self._send_packets(fd, payloads[start:end], deadline, timeout)
         finally:
             self._leave()
 
-    cdef _send_batches(self, int fd, int kind, list payloads, double deadline, timeout, pollfd *pfd):
-        cdef Py_ssize_t n = len(payloads)
-        cdef Py_ssize_t done = 0, i, count, acquired
-        cdef int sent = 0, err = 0, rc
+    cdef Py_ssize_t _send_packets(self, int fd, list items, double deadline, timeout) except -1:
+        """Send every one of ``items`` (bytes that fit inline), SEND_BATCH packets per
+        ``sendmmsg``; returns how many went (fewer only when ``timeout`` is 0 and the
+        queue is full)."""
+        cdef Py_ssize_t n = len(items), done = 0, i, j, at, used, size, total
+        cdef int npk, p, sent, err, rc
+        cdef Py_ssize_t room = self.batch_room
+        cdef bint nowait = timeout is not None and timeout == 0
+        cdef Py_ssize_t first[SEND_BATCH + 1]  # packet p carries items first[p] .. first[p + 1] - 1
+        cdef Py_ssize_t body[SEND_BATCH]       # bytes of packet p's body
+        cdef uint8_t headers[SEND_BATCH][HEADER_SIZE]
         cdef mmsghdr vec[SEND_BATCH]
         cdef iovec iov[2 * SEND_BATCH]
-        cdef uint8_t headers[SEND_BATCH][HEADER_SIZE]
-        cdef Py_buffer views[SEND_BATCH]
+        cdef pollfd pfd
+        cdef uint8_t *bodies
+        cdef uint8_t *out
+        cdef const char *data
+        pfd.fd = fd
+        pfd.events = POLLOUT
         while done < n:
-            count = min(n - done, SEND_BATCH)
-            memset(vec, 0, sizeof(vec))
-            acquired = 0
+            # Group: as many items as fit in one BATCH body of ``room`` bytes; one alone
+            # (room 0: the server takes no batches, or an item too big for one) goes plain.
+            npk = 0
+            i = done
+            total = 0
+            while i < n and npk < SEND_BATCH:
+                first[npk] = i
+                used = 0
+                j = i
+                while j < n:
+                    size = BATCH_ITEM_SIZE + len(<bytes>items[j])
+                    if j > i and used + size > room:
+                        break
+                    used += size
+                    j += 1
+                body[npk] = used if j - i > 1 else len(<bytes>items[i])
+                if j - i > 1:
+                    total += used
+                npk += 1
+                i = j
+            first[npk] = i
+            bodies = <uint8_t *>malloc(total if total else 1)
+            if bodies == NULL:
+                raise MemoryError()
             try:
-                for i in range(count):
-                    PyObject_GetBuffer(payloads[done + i], &views[i], PyBUF_SIMPLE)
-                    acquired += 1
-                    if views[i].len > INLINE_MAX:
-                        raise MessageTooLarge(f"send_many: item {done + i} ({views[i].len} bytes) does not fit inline")
-                    _pack_header(headers[i], kind, 0, views[i].len, 0)
-                    iov[2 * i].iov_base = headers[i]
-                    iov[2 * i].iov_len = HEADER_SIZE
-                    iov[2 * i + 1].iov_base = views[i].buf
-                    iov[2 * i + 1].iov_len = views[i].len
-                    vec[i].msg_hdr.msg_iov = &iov[2 * i]
-                    vec[i].msg_hdr.msg_iovlen = 2
+                memset(vec, 0, sizeof(mmsghdr) * npk)
+                out = bodies
+                for p in range(npk):
+                    i = first[p]
+                    if first[p + 1] - i == 1:
+                        _pack_header(headers[p], KIND_MESSAGE, 0, body[p], 0)
+                        iov[2 * p + 1].iov_base = <char *>(<bytes>items[i])
+                    else:
+                        _pack_header(headers[p], KIND_MESSAGE, 0, body[p], FLAG_BATCH)
+                        iov[2 * p + 1].iov_base = out
+                        for j in range(i, first[p + 1]):
+                            data = <bytes>items[j]
+                            size = len(<bytes>items[j])
+                            _put32(out, <uint32_t>size)
+                            memcpy(out + BATCH_ITEM_SIZE, data, size)
+                            out += BATCH_ITEM_SIZE + size
+                    iov[2 * p].iov_base = headers[p]
+                    iov[2 * p].iov_len = HEADER_SIZE
+                    iov[2 * p + 1].iov_len = body[p]
+                    vec[p].msg_hdr.msg_iov = &iov[2 * p]
+                    vec[p].msg_hdr.msg_iovlen = 2
                 with nogil:
-                    sent = sendmmsg(fd, vec, <unsigned int>count, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    sent = sendmmsg(fd, vec, <unsigned int>npk, MSG_DONTWAIT | MSG_NOSIGNAL)
                     err = errno if sent < 0 else 0
-                    if err == EAGAIN:
+                    if err == EAGAIN and not nowait:
                         rc = _ms_left(deadline)
-                        if rc != 0 and poll(pfd, 1, rc) < 0 and errno == EINTR:
+                        if rc != 0 and poll(&pfd, 1, rc) < 0 and errno == EINTR:
                             err = EINTR  # a signal: its Python handler runs before we wait again
             finally:
-                for i in range(acquired):
-                    PyBuffer_Release(&views[i])
+                free(bodies)
             if sent > 0:
-                done += sent
+                done = first[sent]
+            elif err == EAGAIN and nowait:
+                return done
             else:
                 _send_failed(err, deadline, timeout, f"send_many ({done} of {n} sent)")
+        return done
 
     def send_fd(self, int kind, unsigned long long request_id, unsigned long long length, int fd, timeout,
                 unsigned int flags=FLAG_PAYLOAD_FD, bytes body=b""):
@@ -677,6 +819,7 @@ cdef class Conn:
 
     cdef object _result(self, Packet *pk, const uint8_t *buf):
         cdef object payload = b""
+        cdef Batch batch
         if pk.ndeferred:
             _hand_off_deferred(pk, self.peer_uid)
         if pk.status != DROP_OK:
@@ -693,6 +836,11 @@ cdef class Conn:
                 if status != DROP_OK:
                     pk.status = status
                     payload = b""
+        elif pk.flags & FLAG_BATCH:
+            batch = Batch.__new__(Batch)
+            batch.body = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
+            batch.count = pk.items
+            payload = batch
         else:
             payload = PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, pk.size - HEADER_SIZE)
         if (pk.status != DROP_OK and pk.flags & FLAG_ARENA and pk.size == HEADER_SIZE + ARENA_REF_SIZE
@@ -833,6 +981,7 @@ cdef class Conn:
         if got[0] != DROP_OK or got[2] != KIND_HELLO:
             return False
         self.peer_limits = unpack_hello(got[5])
+        self.batch_room = batch_room(self.peer_limits)
         return True
 
     cdef _hello(self, unsigned long long max_payload):

@@ -16,7 +16,9 @@ cdef enum:
     KIND_HELLO = 5
     FLAG_PAYLOAD_FD = 1
     FLAG_ARENA = 2
-    KNOWN_FLAGS = 3
+    FLAG_BATCH = 4
+    KNOWN_FLAGS = 7
+    BATCH_ITEM_SIZE = 4
     ARENA_REF_SIZE = 24
 
     DROP_OK = 0
@@ -41,6 +43,7 @@ cdef enum:
     DROP_SPARSE = 19
     DROP_CONN_LIMIT = 20
     DROP_CLOSE_BUDGET = 21
+    DROP_BAD_BATCH = 22
 
     SO_PASSPIDFD = 76
     SO_PEERPIDFD = 77

@@ -236,7 +236,9 @@ class Server:
             empty = 0
             taken += 1
             msg = srv._admit(got)
-            if msg is not None:
+            if msg.__class__ is list:  # a BATCH packet's messages (may go past max_queue by one packet's worth)
+                self._queue.extend(msg)
+            elif msg is not None:
                 self._queue.append(msg)
             del got
         return taken
@@ -675,12 +677,27 @@ class Client:
         await _send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size)
 
     async def send_many(self, messages: Iterable, timeout: Optional[float] = _DEFAULT) -> int:
-        """Send one-way messages in order; returns how many. ``timeout`` bounds each wait for queue space."""
+        """Send one-way messages in order; returns how many. As :meth:`machipc.Client.send_many`
+        (runs of inline bytes batched), without blocking the loop: a run stops where the
+        server's queue is full, and that message waits for room as :meth:`send` does.
+        ``timeout`` bounds each wait for queue space."""
         timeout = self._timeout(timeout)
         sent = 0
-        for data in messages:
-            await self.send(data, timeout)
-            sent += 1
+        for chunk in _client.chunks(messages):
+            done, count = 0, len(chunk)
+            while done < count:
+                await self._bind()
+                send_many = getattr(self._conn, "send_many", None)  # (Mach has none: one by one)
+                if send_many is not None and self._dead is None:
+                    try:
+                        done = send_many(chunk, 0, done, self.sync._inline_limit())
+                    except PeerGone as exc:
+                        self._gone(exc)
+                    if done == count:
+                        break
+                await self.send(chunk[done], timeout)  # not plain inline bytes, or the queue was full
+                done += 1
+            sent += count
         return sent
 
     async def request(self, data, timeout: Optional[float] = _DEFAULT) -> _client.Reply:

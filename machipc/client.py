@@ -35,7 +35,7 @@ Buffer = Union[bytes, bytearray, memoryview, payload.LoanBuffer]
 #: What ``request`` returns: bytes up to ``wire.INLINE_MAX``, a read-only memoryview above.
 Reply = Union[bytes, memoryview]
 _DEFAULT = DEFAULT
-_BATCH = 256  # one-way messages handed to the transport at once by send_many
+_CHUNK = 256  # messages of an iterator (not a list) send_many takes at once
 
 
 class _Pending:
@@ -107,6 +107,23 @@ def check_size(size: int, max_size: int, limits: Optional[Limits]) -> None:
         raise MessageTooLarge(f"payload of {size} bytes is over the {max_size}-byte limit")
     if limits is not None and size > limits.max_size:
         raise MessageTooLarge(f"payload of {size} bytes is over the server's limit of {limits.max_size} bytes")
+
+
+def chunks(messages: Iterable) -> Iterable[list]:
+    """``messages`` in lists for the transport's send_many: a list as it is; another
+    iterable in lists of up to 256, each ending early after a message that is not
+    inline ``bytes`` (so a stream of large payloads is not held at once)."""
+    if type(messages) is list:
+        yield messages
+        return
+    chunk: list = []
+    for data in messages:
+        chunk.append(data)
+        if len(chunk) == _CHUNK or type(data) is not bytes or len(data) > INLINE_MAX:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 class Client:
@@ -290,44 +307,46 @@ class Client:
             raise self._gone(exc) from None
 
     def send_many(self, messages: Iterable[Buffer], timeout: Optional[float] = _DEFAULT) -> int:  # type: ignore[assignment]
-        """Send one-way messages in order, small ones batched (``sendmmsg``); returns the count.
+        """Send one-way messages in order; returns how many.
 
-        ``timeout`` bounds each wait for queue space. Large payloads in the
-        stream go out as memfds in their place, so order is kept.
+        Runs of ``bytes`` that fit inline go to the transport at once: several
+        to a packet when the server's HELLO announced batches (BATCH packets,
+        docs/protocol.md §5.4; the server hands each on as its own Message),
+        else one packet each, ``sendmmsg`` in the Cython transport. Any other
+        message (a bytearray, a memoryview, a :meth:`buffer`, a payload over
+        64 KiB) goes as :meth:`send` would send it, in its place, so order is
+        kept. ``timeout`` (seconds, None: no limit; default the client's)
+        bounds each wait for queue space. Errors as :meth:`send`; a message
+        that cannot be sent raises after the ones before it went out.
         """
         timeout = self._timeout(timeout)
         if self._fork_generation != forking.generation and not self._closed:
             self._reconnect_after_fork()
         if getattr(self._conn, "peer_limits", 0) is None:
             self._learn_limits()
-        send_many = getattr(self._conn, "send_many", None)
-        batch: list = []
+        if self._dead is not None:
+            raise type(self._dead)(*self._dead.args)
+        send_many = getattr(self._conn, "send_many", None)  # (Mach has none: one by one)
         sent = 0
+        for chunk in chunks(messages):
+            done, count = 0, len(chunk)
+            while done < count:
+                if send_many is not None:
+                    try:
+                        done = send_many(chunk, timeout, done, self._inline_limit())
+                    except PeerGone as exc:
+                        raise self._gone(exc) from None
+                    if done == count:
+                        break
+                self.send(chunk[done], timeout)  # not plain inline bytes: sent the way send() would
+                done += 1
+            sent += count
+        return sent
 
-        def flush() -> int:
-            if send_many is not None:
-                send_many(Kind.MESSAGE, batch, timeout)
-            else:
-                for item in batch:
-                    self._conn.send(Kind.MESSAGE, 0, item, timeout)
-            n = len(batch)
-            batch.clear()
-            return n
-
-        try:
-            for data in messages:
-                self._check(data)
-                if isinstance(data, payload.LoanBuffer) or payload.size_of(data) > INLINE_MAX:
-                    sent += flush()
-                    payload.send(self._conn, Kind.MESSAGE, 0, data, timeout, self.max_size, self._arenas)
-                    sent += 1
-                else:
-                    batch.append(data)
-                    if len(batch) == _BATCH:
-                        sent += flush()
-            return sent + flush()
-        except PeerGone as exc:
-            raise self._gone(exc) from None
+    def _inline_limit(self) -> int:
+        """Largest inline message allowed now (bytes): INLINE_MAX, our max_size, the server's."""
+        limits = getattr(self._conn, "peer_limits", None)
+        return min(INLINE_MAX, self.max_size, INLINE_MAX if limits is None else limits.max_size)
 
     def request(self, data: Buffer, timeout: Optional[float] = _DEFAULT) -> Reply:  # type: ignore[assignment]
         """Send a request and return the reply's payload.

@@ -105,8 +105,9 @@ def _split(inline: bytes, region, accepted: frozenset) -> tuple:
     return status, header.kind, header.flags, header.request_id, payload if status == Drop.OK else b""
 
 
-#: Wire flags of the Linux transport only (sealed memfds, arenas): refused on Mach.
-_LINUX_ONLY_FLAGS = int(Flag.PAYLOAD_FD | Flag.ARENA)
+#: Wire flags of the Linux transport only (sealed memfds, arenas, batches: no Mach server announces
+#: FEATURE_BATCH, having no HELLO): refused on Mach.
+_LINUX_ONLY_FLAGS = int(Flag.PAYLOAD_FD | Flag.ARENA | Flag.BATCH)
 #: One lock for every ReplyConn's take-the-right step (held for two attribute accesses).
 _take_lock = threading.Lock()
 

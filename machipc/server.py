@@ -8,7 +8,7 @@ import select
 import signal
 import socket
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -24,7 +24,7 @@ from .deadline import deadline_of, remaining
 from .unix import SAME_PEER
 from .budget import MappedBudget
 from .payload import MAX_PAYLOAD, Untaken, size_of as payload_size
-from .wire import DROP_ERROR, DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Kind, pack_error
+from .wire import DROP_ERROR, DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Flag, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
 
@@ -32,6 +32,7 @@ log = logging.getLogger("machipc")
 
 # Plain ints for the per-message path (enum attribute lookups cost more than the check).
 _OK, _CLOSED, _REQUEST = int(Drop.OK), int(Drop.CLOSED), int(Kind.REQUEST)
+_BATCH = int(Flag.BATCH)
 _SERVE_BATCH = 32  # messages serve() takes per receive (those already queued, never waiting for more)
 MiB = 1024 * 1024
 
@@ -42,7 +43,9 @@ Handler = Callable[[Message], Union[bytes, bytearray, memoryview, None]]
 class ServerStats:
     """Counters of what the server saw (``Server.stats``). Every packet not handed on is counted.
 
-    Fields (all counts since the server was made): ``received`` messages
+    Fields (all counts since the server was made; each message of a BATCH
+    packet counts in ``received``, ``rejected``, ``unknown``, ``would_reject``
+    and ``too_large``, a malformed one once in ``dropped``): ``received`` messages
     handed on; ``rejected`` refused by the policy, ``unknown`` of those because
     it could not tell; ``would_reject`` denied but let through
     (``enforce=False``); ``too_large`` over ``max_size``; ``dropped`` malformed
@@ -111,7 +114,8 @@ class Server:
       waiting on the closer threads (machipc._closer; their close() may
       block) may not connect (``stats.dropped["CLOSE_BUDGET"]``).
     * ``max_rejections`` (16): a connection on which no sender was ever
-      allowed is hung up on after this many rejected packets
+      allowed is hung up on after this many rejected packets (a BATCH
+      packet counts once; ``stats.rejected`` counts its every message)
       (``stats.disconnected["rejected"]``).
 
     A packet carrying any fd other than the protocol's one memfd breaks the
@@ -196,6 +200,8 @@ class Server:
         #: Rejection and drop warnings, at most a few per (uid, reason) every 10 s (machipc.ratelog).
         self.rate_log = RateLimitedLog(log)
         self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
+        #: Messages of a BATCH packet beyond what the last receive() / receive_many() took.
+        self._unbatched: deque[Message] = deque()
         self._closed = False
         self._stop_serving = False
         self._owner = os.getpid()  # the process that made it (see _check_not_forked)
@@ -287,6 +293,10 @@ class Server:
                         if batch:
                             return batch
                         raise ServerClosed(f"server {self.name!r} is closed")
+                    if self._unbatched:
+                        batch.extend(_take(self._unbatched, max_count - len(batch)))
+                        if len(batch) == max_count:
+                            return batch
                     got = self._transport.recv(0 if batch else remaining(deadline))
                     if got is None:
                         if batch:
@@ -296,7 +306,9 @@ class Server:
                         continue
                     msg = self._admit(got)
                     del got  # holds a closed connection's Conn (and so its fd) while we block
-                    if msg is not None:
+                    if msg.__class__ is list:  # a BATCH packet's messages: what does not fit waits
+                        self._unbatched.extend(msg)
+                    elif msg is not None:
                         batch.append(msg)
                         if inline_only and msg.data.__class__ is not bytes:
                             return batch
@@ -311,8 +323,10 @@ class Server:
                 if self._closed:
                     self._teardown()
 
-    def _admit(self, got: tuple) -> Optional[Message]:
-        status, conn, kind, _flags, request_id, payload, pid, uid, gid, pidfd = got
+    def _admit(self, got: tuple) -> "Message | list[Message] | None":
+        """The message of one received packet (None: refused or dropped, counted and logged),
+        or for a BATCH packet the list of its messages in order (possibly empty)."""
+        status, conn, kind, flags, request_id, payload, pid, uid, gid, pidfd = got
         if status != _OK:
             if status == _CLOSED:
                 self._forget(conn)
@@ -332,9 +346,9 @@ class Server:
             if self.enforce:
                 if payload.__class__ is Untaken:
                     payload.discard()  # closed unmapped; no arena is mapped for this sender
-                self._reject(conn, kind, request_id, pid, uid, peer, decision)
+                self._reject(conn, kind, request_id, pid, uid, peer, decision, len(payload) if flags & _BATCH else 1)
                 return None
-            self.stats.would_reject += 1
+            self.stats.would_reject += len(payload) if flags & _BATCH else 1
             self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, printable(decision.reason))
         elif conn.id not in self._allowed:
             self._allowed.add(conn.id)
@@ -343,6 +357,8 @@ class Server:
             if status != _OK:
                 self._drop(conn, status, kind, request_id, pid, uid)
                 return None
+        elif flags & _BATCH:
+            return self._unbatch(payload, peer, decision, conn, pid, uid)
         elif len(payload) > self.max_size:
             self.stats.too_large += 1
             self.rate_log.warning(uid, "too large", "dropped %d-byte message from pid %d uid %d: over max_size %d", len(payload), pid, uid, self.max_size)
@@ -352,12 +368,27 @@ class Server:
         self.stats.received += 1
         return Message(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision, self.max_size)
 
-    def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision) -> None:
-        self.stats.rejected += 1
+    def _unbatch(self, batch, peer: Peer, decision: Decision, conn, pid: int, uid: int) -> list[Message]:
+        """The messages of an allowed BATCH packet (the transport's Batch: ``len()`` items,
+        ``items()`` their payloads), in order; one over ``max_size`` is counted in
+        ``too_large`` and left out, the others are delivered."""
+        limit, timeout = self.max_size, self.reply_timeout
+        msgs = [Message(data, peer, 0, conn, timeout, decision, limit) for data in batch.items() if len(data) <= limit]
+        over = len(batch) - len(msgs)
+        if over:
+            self.stats.too_large += over
+            self.rate_log.warning(uid, "too large", "dropped %d messages of a batch from pid %d uid %d: over max_size %d", over, pid, uid, limit)
+        self.stats.received += len(msgs)
+        return msgs
+
+    def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision, items: int = 1) -> None:
+        """Count and log a packet the policy refused (``items`` messages: a BATCH packet's
+        count); answer a request; hang up after ``max_rejections`` packets, none allowed."""
+        self.stats.rejected += items
         # The reason is escaped only if the line is written (most are not: rate-limited).
         self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, _Printable(decision.reason))
         if not decision.known:
-            self.stats.unknown += 1
+            self.stats.unknown += items
         if kind == _REQUEST:
             self._answer_error(conn, request_id, ErrorCode.REJECTED, _rejection_text(peer, decision))
         if self.max_rejections is not None and conn.id not in self._allowed:
@@ -572,22 +603,30 @@ class Server:
 
     def _drain_locked(self, handler: Handler, pool, deadline: Optional[float]) -> None:
         drained = empty = 0
+        queued = self._unbatched  # messages of a batch an earlier receive left go first
         while not self._closed and self._transport is not None:
-            got = self._transport.recv(0)
-            if got is None:
-                empty += 1  # twice: a pending wakeup() can make one recv(0) come back empty
-                if empty == 2:
-                    break
-                continue
-            empty = 0
-            msg = self._admit(got)
-            if msg is not None:
+            if queued:
+                msg = queued.popleft()
                 drained += 1
                 if pool is None:
                     self._dispatch(handler, msg)
                 else:
                     pool.submit(msg)
                 del msg
+            else:
+                got = self._transport.recv(0)
+                if got is None:
+                    empty += 1  # twice: a pending wakeup() can make one recv(0) come back empty
+                    if empty == 2:
+                        break
+                    continue
+                empty = 0
+                msg = self._admit(got)
+                if msg.__class__ is list:
+                    queued.extend(msg)
+                elif msg is not None:
+                    queued.append(msg)
+                del msg, got
             if deadline is not None and remaining(deadline) == 0.0:
                 log.warning("stopping: drain timeout reached; closing with messages still queued")
                 break
@@ -724,6 +763,7 @@ class Server:
             # with no shutdown and no unlink (and no lock: a parent thread may have held it).
             self._transport, self._inode = None, None
             self._peers.clear()
+            self._unbatched.clear()
             return
         transport = self._transport
         if transport is not None:
@@ -739,6 +779,7 @@ class Server:
         transport, self._transport = self._transport, None
         transport.close()
         self._peers.clear()
+        self._unbatched.clear()
         self._rejections.clear()
         self._allowed.clear()
         try:
@@ -776,6 +817,11 @@ def refuse_result(stats: ServerStats, msg: Message, result) -> Optional[str]:
     stats.handler_errors += 1
     log.error("handler's return value for request %d from pid %d is no reply: %s", msg.request_id, msg.sender.pid, wrong)
     return f"the handler returned no valid reply: {wrong}"
+
+
+def _take(queue: deque, count: int) -> list:
+    """Up to ``count`` items from the left of ``queue``."""
+    return [queue.popleft() for _ in range(min(count, len(queue)))]
 
 
 def _hang_up(conn) -> None:

@@ -55,6 +55,7 @@ from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 from .wire import (
     ARENA_REF_SIZE,
+    BATCH_ITEM_SIZE,
     CLIENT_ACCEPTS,
     HEADER_SIZE,
     INLINE_MAX,
@@ -65,8 +66,11 @@ from .wire import (
     Flag,
     Kind,
     Limits,
+    batch_room,
     check_header,
+    pack_batch,
     pack_header,
+    split_batch,
     unpack_hello,
 )
 
@@ -131,6 +135,8 @@ class Conn:
         self.arenas: dict = {}  # the peer's arenas: id -> mapping
         #: The server's limits from its HELLO (client side; None until it is read).
         self.peer_limits: Optional[Limits] = None
+        #: Largest BATCH body the server takes (wire.batch_room of its HELLO); 0: send no batches.
+        self.batch_room = 0
         #: Server side: replies waiting for the peer to read (machipc.outbox); None on clients.
         self.outbox: Optional[Outbox] = None
         #: Server side: the MappedBudget payloads and arenas are charged to (None: no limit),
@@ -159,17 +165,40 @@ class Conn:
             return
         self._sendmsg([header, payload], [], timeout)
 
-    def send_many(self, kind: int, payloads: list, timeout: Optional[float]) -> None:
-        """Send inline packets in order (the Cython twin batches them with sendmmsg)."""
+    def send_many(self, payloads: list, timeout: Optional[float], start: int = 0, limit: int = INLINE_MAX) -> int:
+        """Send one-way messages ``payloads[start:]`` in order, up to the first that is not
+        ``bytes`` of at most ``limit`` bytes (``limit`` is capped at INLINE_MAX).
+
+        Returns the index of the first message not sent: that one, or
+        ``len(payloads)`` when all went. Once the server's HELLO announced
+        FEATURE_BATCH, as many messages as fit go in one BATCH packet
+        (docs/protocol.md §5.4), else one packet each (the Cython twin sends
+        several packets per ``sendmmsg``). Waits up to ``timeout`` seconds
+        (for the whole call; None: no limit) while the server's queue is full,
+        then raises IPCTimeoutError saying how many went; ``timeout`` 0 never
+        waits and returns at the first packet that found the queue full.
+        Raises PeerGone when the connection is gone.
+        """
+        limit = min(limit, INLINE_MAX)
+        end, count = start, len(payloads)
+        while end < count and type(payloads[end]) is bytes and len(payloads[end]) <= limit:
+            end += 1
         deadline = deadline_of(timeout)
-        for i, data in enumerate(payloads):
-            size = len(data) if type(data) is bytes else memoryview(data).nbytes
-            if size > INLINE_MAX:
-                raise MessageTooLarge(f"send_many: item {i} ({size} bytes) does not fit inline")
+        done = start
+        for items in _batches(payloads, start, end, self.batch_room):
+            if len(items) == 1:
+                buffers = [pack_header(Kind.MESSAGE, 0, len(items[0])), items[0]]
+            else:
+                body = pack_batch(items)
+                buffers = [pack_header(Kind.MESSAGE, 0, len(body), Flag.BATCH), body]
             try:
-                self.send(kind, 0, data, remaining(deadline))
+                self._sendmsg(buffers, [], remaining(deadline))
             except IPCTimeoutError:
-                raise IPCTimeoutError(f"send_many: the peer's queue stayed full for {timeout} s ({i} of {len(payloads)} sent)") from None
+                if timeout == 0:
+                    return done
+                raise IPCTimeoutError(f"send_many: the peer's queue stayed full for {timeout} s ({done - start} of {end - start} sent)") from None
+            done += len(items)
+        return end
 
     def send_fd(
         self, kind: int, request_id: int, length: int, fd: int, timeout: Optional[float],
@@ -272,7 +301,8 @@ class Conn:
                 return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
             got = self._parse(data, anc, msg_flags)
             if got[0] == Drop.OK and got[2] == Kind.HELLO:  # only a client accepts HELLO
-                self.peer_limits = unpack_hello(got[5])  # kept on the connection, not handed on
+                self.peer_limits = limits = unpack_hello(got[5])  # kept on the connection, not handed on
+                self.batch_room = batch_room(limits)
                 continue
             return got
 
@@ -446,6 +476,9 @@ class Conn:
             fd = fds.pop()
         elif flags & Flag.PAYLOAD_FD:
             return Drop.BAD_PAYLOAD_FD, b""  # the flag promised an fd that did not come
+        if flags & Flag.BATCH:
+            items = split_batch(inline)
+            return (Drop.BAD_BATCH, b"") if items is None else (Drop.OK, Batch(items))
         if not flags & (Flag.ARENA | Flag.PAYLOAD_FD):
             return Drop.OK, inline
         untaken = Untaken(self, flags, header.length, fd, data[HEADER_SIZE:] if flags & Flag.ARENA else None)
@@ -512,6 +545,43 @@ def _gone(sock: socket.socket) -> bool:
     except OSError:  # nothing queued (EAGAIN): a live client
         return False
     return not data and not anc
+
+
+class Batch:
+    """The payload a BATCH packet is handed up as: its one-way messages, one sender.
+
+    ``len(batch)`` is the number of messages; ``items()`` the list of their
+    payloads (bytes, in order). The Cython twin splits the body only when
+    ``items()`` is called, so a sender the policy refuses costs no per-item work.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def items(self) -> list:
+        return self._items
+
+
+def _batches(payloads: list, start: int, end: int, room: int):
+    """``payloads[start:end]`` (bytes) in groups that go as one packet each: as many as fit
+    in a BATCH body of ``room`` bytes (4 + size each), one by one when ``room`` is 0."""
+    group: list = []
+    used = 0
+    for i in range(start, end):
+        data = payloads[i]
+        need = BATCH_ITEM_SIZE + len(data)
+        if group and used + need > room:
+            yield group
+            group, used = [], 0
+        group.append(data)
+        used += need
+    if group:
+        yield group
 
 
 def _rights(fd: int) -> list:

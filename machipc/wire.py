@@ -59,9 +59,12 @@ class Flag(enum.IntFlag):
     #: body is an arena reference (24 bytes). With PAYLOAD_FD too, the attached
     #: fd is a new arena.
     ARENA = 2
+    #: A MESSAGE whose body is several one-way messages (see :func:`split_batch`); sent
+    #: only to a server whose HELLO announces FEATURE_BATCH. No other flag goes with it.
+    BATCH = 4
 
 
-KNOWN_FLAGS = int(Flag.PAYLOAD_FD | Flag.ARENA)
+KNOWN_FLAGS = int(Flag.PAYLOAD_FD | Flag.ARENA | Flag.BATCH)
 #: Size of the body of an ARENA packet (arena.REF).
 ARENA_REF_SIZE = 24
 
@@ -103,6 +106,7 @@ class Drop(enum.IntEnum):
     SPARSE = 19  # a payload or arena memfd with holes (fewer blocks than bytes)
     CONN_LIMIT = 20  # connection refused: that uid has max_connections_per_uid already
     CLOSE_BUDGET = 21  # connection refused: that uid has max_deferred_closes fds still closing
+    BAD_BATCH = 22  # a BATCH body that is not a whole sequence of at least one item
 
 
 DROP_TEXT = {
@@ -126,6 +130,7 @@ DROP_TEXT = {
     Drop.SPARSE: "payload or arena memfd has holes",
     Drop.CONN_LIMIT: "connection refused: too many connections from this uid",
     Drop.CLOSE_BUDGET: "connection refused: too many of this uid's fds still closing",
+    Drop.BAD_BATCH: "batch body is not a whole sequence of one or more length-prefixed items",
 }
 
 #: The error reply for a dropped request, by reason (MALFORMED for the rest).
@@ -165,7 +170,7 @@ def check_header(packet: bytes | memoryview, accepted: frozenset[int]) -> tuple[
         return Drop.BAD_VERSION, header
     if kind not in accepted:
         return Drop.BAD_KIND, header
-    if flags & ~KNOWN_FLAGS:
+    if flags & ~KNOWN_FLAGS or (flags & Flag.BATCH and (flags != Flag.BATCH or kind != Kind.MESSAGE)):
         return Drop.BAD_FLAGS, header
     if flags & Flag.ARENA:
         if len(packet) != HEADER_SIZE + ARENA_REF_SIZE or length == 0:
@@ -185,27 +190,88 @@ CLIENT_ACCEPTS = frozenset({Kind.REPLY, Kind.ERROR, Kind.HELLO})
 
 #: HELLO payload: largest payload the server accepts (bytes, any transfer), largest arena
 #: ring it maps (bytes, without the control page), arenas it keeps per connection, largest
-#: inline payload. A reader ignores bytes after the fields it knows (later fields extend it).
+#: inline payload, then (since machipc 0.2, still version 2) the FEATURE_* bits it
+#: understands. A reader ignores bytes after the fields it knows (later fields extend it).
 HELLO = struct.Struct("<QQII")
+HELLO_FEATURES = struct.Struct("<I")
+#: Feature bit: the server accepts BATCH packets.
+FEATURE_BATCH = 1
+#: The features this side's servers announce.
+FEATURES = FEATURE_BATCH
 
 
 class Limits(NamedTuple):
+    """What a server's HELLO announces (bytes, counts; ``features``: FEATURE_* bits, 0 from
+    a server whose HELLO has no features field)."""
+
     max_size: int
     arena_capacity: int
     arenas: int
     inline_max: int
+    features: int = 0
 
 
-def pack_hello(max_size: int, arena_capacity: int, arenas: int) -> bytes:
-    """Payload of the HELLO a server sends first on every connection."""
-    return HELLO.pack(max_size, arena_capacity, arenas, INLINE_MAX)
+def pack_hello(max_size: int, arena_capacity: int, arenas: int, features: int = FEATURES) -> bytes:
+    """Payload of the HELLO a server sends first on every connection (28 bytes)."""
+    return HELLO.pack(max_size, arena_capacity, arenas, INLINE_MAX) + HELLO_FEATURES.pack(features)
 
 
 def unpack_hello(payload) -> Optional[Limits]:
-    """The limits a HELLO announces; None when it is shorter than the fields of this version."""
+    """The limits a HELLO announces; None when it is shorter than the 24 bytes every HELLO has.
+
+    A 24-byte HELLO (a server from before the features field) announces no features.
+    """
     if len(payload) < HELLO.size:
         return None
-    return Limits(*HELLO.unpack_from(payload))
+    features = HELLO_FEATURES.unpack_from(payload, HELLO.size)[0] if len(payload) >= HELLO.size + HELLO_FEATURES.size else 0
+    return Limits(*HELLO.unpack_from(payload), features)
+
+
+def batch_room(limits: Optional[Limits]) -> int:
+    """Largest BATCH body (bytes) to send a server with these ``limits``: its
+    ``inline_max`` (at most INLINE_MAX) when it announced FEATURE_BATCH, else 0:
+    send it no batches (an older server would drop them as BAD_FLAGS)."""
+    if limits is None or not limits.features & FEATURE_BATCH:
+        return 0
+    return min(limits.inline_max, INLINE_MAX)
+
+
+#: A BATCH item's length prefix (u32 little-endian); items follow each other unpadded.
+BATCH_ITEM = struct.Struct("<I")
+BATCH_ITEM_SIZE = BATCH_ITEM.size  # 4
+
+
+def split_batch(body) -> Optional[list[bytes]]:
+    """The items of a BATCH packet's body, in order; None when the body is malformed.
+
+    ``body`` (bytes-like, at most INLINE_MAX bytes) must be one or more items
+    ``u32 length | length bytes``, back to back with nothing after the last:
+    an empty body, a length prefix cut short, or an item running past the end
+    is malformed (the receiver drops the whole packet as Drop.BAD_BATCH).
+    Items may be empty. The Cython transport has the same decoder in C
+    (``_unix.split_batch``); tests/test_batch_wire.py checks they agree.
+    """
+    view = memoryview(body).cast("B")
+    end = len(view)
+    items: list[bytes] = []
+    at = 0
+    while at < end:
+        if end - at < BATCH_ITEM_SIZE:
+            return None
+        (size,) = BATCH_ITEM.unpack_from(view, at)
+        at += BATCH_ITEM_SIZE
+        if size > end - at:
+            return None
+        items.append(bytes(view[at : at + size]))
+        at += size
+    return items or None
+
+
+def pack_batch(items) -> bytes:
+    """The body of a BATCH packet carrying ``items`` (bytes-like, in order); the caller
+    keeps it within the receiver's inline limit (``len(item) + 4`` bytes each)."""
+    return b"".join(BATCH_ITEM.pack(len(item)) + bytes(item) for item in items)
+
 
 ERROR_CODE = struct.Struct("<H")
 

@@ -215,7 +215,15 @@ CASES = {
     "kind HELLO": (header(Kind.HELLO, 0, 0), lambda: (), None, 0, "BAD_KIND"),
     "kind 0": (header(0, 5, 0), lambda: (), None, 0, "BAD_KIND"),
     "kind 255": (header(255, 5, 0), lambda: (), None, 0, "BAD_KIND"),
-    "flag bit 2": (header(R, 5, 0, 4), lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_FLAGS"),
+    "flag bit 3": (header(R, 5, 0, 8), lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_FLAGS"),
+    # BATCH (§5.4): one-way only, no other flag, a whole sequence of at least one item.
+    "BATCH of one item": (header(M, 0, 7, Flag.BATCH) + b"\x03\x00\x00\x00abc", lambda: (), None, 0, "received"),
+    "BATCH on a request": (header(R, 5, 7, Flag.BATCH) + b"\x03\x00\x00\x00abc", lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_FLAGS"),
+    "BATCH with PAYLOAD_FD": (header(M, 0, 7, Flag.BATCH | Flag.PAYLOAD_FD) + b"\x03\x00\x00\x00abc", lambda: (), None, 0, "BAD_FLAGS"),
+    "BATCH without items": (header(M, 0, 0, Flag.BATCH), lambda: (), None, 0, "BAD_BATCH"),
+    "BATCH item past the end": (header(M, 0, 7, Flag.BATCH) + b"\x04\x00\x00\x00abc", lambda: (), None, 0, "BAD_BATCH"),
+    "BATCH length prefix cut short": (header(M, 0, 9, Flag.BATCH) + b"\x03\x00\x00\x00abc\x00\x00", lambda: (), None, 0, "BAD_BATCH"),
+    "BATCH with an fd": (header(M, 0, 7, Flag.BATCH) + b"\x03\x00\x00\x00abc", lambda: (_memfd(b"m"),), None, 0, "UNEXPECTED_FDS"),
     "flag bit 31, one-way": (header(M, 0, 0, 1 << 31), lambda: (), None, 0, "BAD_FLAGS"),
     "length over the body": (header(R, 5, 4) + b"abc", lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_LENGTH"),
     "length under the body": (header(R, 5, 2) + b"abc", lambda: (), ErrorCode.MALFORMED, wire.VERSION, "BAD_LENGTH"),
@@ -272,7 +280,7 @@ def test_each_packet_gets_its_documented_outcome(raw, case):
 def test_hello_is_the_first_packet_and_announces_the_limits(raw):
     srv, connect = raw
     conn = connect()  # Raw reads the HELLO, and checks it is the first packet
-    assert conn.limits == (2 * MiB, arena.MAX_CAPACITY, arena.MAX_ARENAS, wire.INLINE_MAX)
+    assert conn.limits == (2 * MiB, arena.MAX_CAPACITY, arena.MAX_ARENAS, wire.INLINE_MAX, wire.FEATURE_BATCH)
     assert (conn.limits.arena_capacity, conn.limits.arenas) == (128 * MiB, 4)
 
 
@@ -488,7 +496,7 @@ CLIENT_CASES = {
     "error of version 9": (header(Kind.ERROR, 9, 3, version=9) + b"\x03\x00x", lambda: (), Drop.OK),
     "reply of version 1": (header(Kind.REPLY, 9, 2, version=1) + b"ok", lambda: (), Drop.BAD_VERSION),
     "request sent to a client": (header(Kind.REQUEST, 9, 2) + b"ok", lambda: (), Drop.BAD_KIND),
-    "HELLO with an id": (header(Kind.HELLO, 9, 24) + wire.pack_hello(1, 2, 3), lambda: (), Drop.BAD_REQUEST_ID),
+    "HELLO with an id": (header(Kind.HELLO, 9, 28) + wire.pack_hello(1, 2, 3), lambda: (), Drop.BAD_REQUEST_ID),
     "reply with flag bit 2": (header(Kind.REPLY, 9, 0, 4), lambda: (), Drop.BAD_FLAGS),
     "memfd reply without F_SEAL_WRITE": (REPLY_HEADER, lambda: (_memfd(b"r" * BIG, ARENA_SEALS),), Drop.BAD_PAYLOAD_FD),
     "memfd reply of the wrong size": (REPLY_HEADER, lambda: (_memfd(b"r" * (BIG + 1)),), Drop.BAD_PAYLOAD_FD),

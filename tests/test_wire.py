@@ -36,7 +36,11 @@ def test_header_is_24_bytes_little_endian():
         (packet(kind=Kind.ERROR, version=1), Drop.BAD_VERSION),  # a server reads no ERROR of any version
         (packet(kind=Kind.REPLY), Drop.BAD_KIND),
         (packet(kind=9), Drop.BAD_KIND),
-        (packet(flags=4), Drop.BAD_FLAGS),
+        (packet(flags=8), Drop.BAD_FLAGS),
+        (packet(kind=Kind.MESSAGE, rid=0, flags=4), Drop.OK),  # BATCH: the body is checked later (split_batch)
+        (packet(flags=4), Drop.BAD_FLAGS),  # ... on a MESSAGE only
+        (packet(kind=Kind.MESSAGE, rid=0, flags=5), Drop.BAD_FLAGS),  # ... and with no other flag
+        (packet(kind=Kind.MESSAGE, rid=0, flags=6), Drop.BAD_FLAGS),
         (packet(flags=2), Drop.BAD_LENGTH),  # ARENA: the body must be the 24-byte reference
         (packet(flags=1), Drop.BAD_LENGTH),  # PAYLOAD_FD: the packet must be the header alone
         (packet(flags=1, payload=b"", length=10), Drop.OK),
@@ -81,6 +85,8 @@ def _classify(impl: str, data: bytes, server_side: bool = True):
     a.close()
     if got is None:
         return None, conn.peer_limits, b""
+    if got[0] == Drop.OK and got[3] & wire.Flag.BATCH:  # a Batch: its items, packed again
+        return got[0], got[2:5], wire.pack_batch(got[5].items())
     return got[0], got[2:5], bytes(got[5])
 
 
@@ -111,10 +117,14 @@ def test_a_client_keeps_the_hello_and_hands_on_what_follows(impl):
     a.send(packet(kind=Kind.REPLY, rid=9, payload=b"r"))
     got = conn.recv(5.0)
     assert got[0] == Drop.OK and got[2:5] == (Kind.REPLY, 0, 9) and bytes(got[5]) == b"r"
-    assert conn.peer_limits == (1000, 2000, 3, wire.INLINE_MAX)
+    assert conn.peer_limits == (1000, 2000, 3, wire.INLINE_MAX, wire.FEATURE_BATCH)
+    assert conn.batch_room == wire.INLINE_MAX
+    a.send(packet(kind=Kind.HELLO, rid=0, payload=wire.HELLO.pack(1000, 2000, 3, 4096)))  # no features field
+    assert conn.recv_nowait() is None
+    assert conn.peer_limits == (1000, 2000, 3, 4096, 0) and conn.batch_room == 0  # an older server: no batches
     a.send(packet(kind=Kind.HELLO, rid=0, payload=b"short"))
     assert conn.recv_nowait() is None  # a HELLO is never handed on
-    assert conn.peer_limits is None  # ... and a short one announces nothing
+    assert conn.peer_limits is None and conn.batch_room == 0  # ... and a short one announces nothing
     a.close()
     conn.close()
 
@@ -123,7 +133,7 @@ def test_a_client_keeps_the_hello_and_hands_on_what_follows(impl):
 @given(
     kind=st.integers(0, 255),
     rid=st.sampled_from([0, 1, 2**64 - 1]),
-    flags=st.sampled_from([0, 1, 2, 3, 4, 2**31]),
+    flags=st.sampled_from([0, 1, 2, 3, 4, 5, 8, 2**31]),
     payload=st.sampled_from([b""]) | st.binary(max_size=64),
     delta=st.sampled_from([0, 0, 0, 1, -1, 2**40]),
     version=st.sampled_from([2, 2, 0, 1, 3]),
@@ -139,6 +149,8 @@ def test_both_transports_classify_packets_alike(kind, rid, flags, payload, delta
         expected_status = Drop.BAD_PAYLOAD_FD  # no fd came with it
     elif expected_status == Drop.OK and flags & wire.Flag.ARENA:
         expected_status = Drop.BAD_ARENA  # no such arena on this connection
+    elif expected_status == Drop.OK and flags & wire.Flag.BATCH and wire.split_batch(payload) is None:
+        expected_status = Drop.BAD_BATCH
     for impl in ["py"] + (["c"] if _backend._compiled is not None else []):
         status, fields, body = _classify(impl, data)
         assert status == expected_status, impl
