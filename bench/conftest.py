@@ -304,7 +304,7 @@ def run_case(benchmark, quick: bool, fn, *, case: str, backend: str, messages: i
     benchmark.group = case
     benchmark.extra_info.update(case=case, backend=backend, messages=messages, size=size, kind=kind, quick=quick, **extra)
     timed, cpu = fn, []
-    if server is not None:
+    if server is not None and sys.platform.startswith("linux"):  # (the clock id encoding is Linux's)
         def timed():
             before = process_cpu_ns(server.pid)
             fn()
