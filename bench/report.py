@@ -408,7 +408,7 @@ def main(argv=None) -> int:
     ]
     out = args.out / "latest.md"
     out.write_text("\n".join(lines))
-    print(f"wrote {out} and {', '.join(made)} from {path}")
+    print(f"wrote {out}{' and ' + ', '.join(made) if made else ''} from {path}")
     return 0
 
 
