@@ -24,7 +24,7 @@ from .deadline import deadline_of, remaining
 from .unix import SAME_PEER
 from .budget import MappedBudget
 from .payload import MAX_PAYLOAD, Untaken, size_of as payload_size
-from .wire import DROP_ERROR, DROP_TEXT, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Flag, Kind, pack_error
+from .wire import DROP_ERROR, DROP_TEXT, INLINE_MAX, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Flag, Kind, pack_error
 
 __all__ = ["Server", "ServerStats", "Handler"]
 
@@ -293,7 +293,7 @@ class Server:
                         if batch:
                             return batch
                         raise ServerClosed(f"server {self.name!r} is closed")
-                    if self._unbatched:
+                    if self._unbatched:  # what a BATCH packet left over comes first
                         batch.extend(_take(self._unbatched, max_count - len(batch)))
                         if len(batch) == max_count:
                             return batch
@@ -307,7 +307,13 @@ class Server:
                     msg = self._admit(got)
                     del got  # holds a closed connection's Conn (and so its fd) while we block
                     if msg.__class__ is list:  # a BATCH packet's messages: what does not fit waits
-                        self._unbatched.extend(msg)
+                        room = max_count - len(batch)
+                        if len(msg) > room:
+                            self._unbatched.extend(msg[room:])
+                            del msg[room:]
+                        batch.extend(msg)
+                        if len(batch) == max_count:
+                            return batch
                     elif msg is not None:
                         batch.append(msg)
                         if inline_only and msg.data.__class__ is not bytes:
@@ -373,7 +379,10 @@ class Server:
         ``items()`` their payloads), in order; one over ``max_size`` is counted in
         ``too_large`` and left out, the others are delivered."""
         limit, timeout = self.max_size, self.reply_timeout
-        msgs = [Message(data, peer, 0, conn, timeout, decision, limit) for data in batch.items() if len(data) <= limit]
+        items = batch.items()
+        if limit < INLINE_MAX:  # (no item of a packet is larger than INLINE_MAX)
+            items = [data for data in items if len(data) <= limit]
+        msgs = [Message(data, peer, 0, conn, timeout, decision, limit) for data in items]
         over = len(batch) - len(msgs)
         if over:
             self.stats.too_large += over

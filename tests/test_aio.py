@@ -363,3 +363,38 @@ def test_client_parity_with_the_threaded_client(impl, sockdir):
             assert got[:100] == [b"a%d" % i for i in range(100)]
 
     run(main())
+
+
+def test_send_many_batches_and_waits_for_a_full_queue_without_blocking_the_loop(impl, sockdir):
+    """aio.Client.send_many: runs of small bytes go in BATCH packets; where the server's queue
+    is full it waits for room as send() does, and the loop runs meanwhile."""
+    gate = threading.Event()
+    got = []
+
+    def handler(msg):
+        if msg.expects_reply:
+            return b"ok"
+        got.append(bytes(msg.data))
+        if msg.data == b"block":
+            gate.wait(30)
+
+    with machipc.Server(NAME, directory=sockdir, impl=impl) as srv:
+        serving = threading.Thread(target=srv.serve, args=(handler,), daemon=True)
+        serving.start()
+        items = [b"block"] + [b"%05d" % i + b"x" * 200 for i in range(3000)]  # ~620 KB: more than the queue holds
+
+        async def main():
+            async with aio.Client(NAME, directory=sockdir, impl=impl) as cli:
+                assert await cli.request(b"hello") == b"ok"  # the HELLO is read: batches from here on
+                assert cli.sync.server_limits.features & machipc.wire.FEATURE_BATCH
+                sending = asyncio.create_task(cli.send_many(items))
+                await asyncio.sleep(0.2)
+                assert not sending.done()  # the handler holds the server: the queue is full, the loop runs
+                gate.set()
+                assert await sending == len(items)
+                assert await cli.request(b"sync") == b"ok"
+
+        run(main())
+        assert got == items and srv.stats.received == len(items) + 2
+        srv.stop()
+        serving.join(30)

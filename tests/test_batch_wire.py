@@ -199,7 +199,10 @@ def test_receive_hands_out_a_batch_one_message_at_a_time(impl, sockdir, client):
         assert [srv.receive(timeout=10).data for _ in range(6)] == [b"%d" % i for i in range(4, 10)]
         with pytest.raises(TimeoutError):
             srv.receive(timeout=0.05)
-        assert srv.stats.received == 10
+        assert cli.send_many([b"a", b"b", b"c"]) == 3 and cli.send_many([b"d", b"e"]) == 2  # two packets
+        assert [m.data for m in srv.receive_many(2, timeout=10)] == [b"a", b"b"]
+        assert [m.data for m in srv.receive_many(3, timeout=10)] == [b"c", b"d", b"e"]  # never more than asked
+        assert srv.stats.received == 15
 
 
 def test_a_rejected_batch_counts_each_item_and_one_packet_toward_max_rejections(impl, serve):

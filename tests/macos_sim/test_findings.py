@@ -232,10 +232,11 @@ def test_exception_after_receive_destroys_the_message(pair, monkeypatch):
 
 # -- finding 15: Linux-only wire flags --------------------------------------------------------
 
-@pytest.mark.parametrize("flag, length, body", [(Flag.PAYLOAD_FD, 5, b""), (Flag.ARENA, 1000, bytes(24))])
+@pytest.mark.parametrize("flag, length, body", [(Flag.PAYLOAD_FD, 5, b""), (Flag.ARENA, 1000, bytes(24)),
+                                                (Flag.BATCH, 7, b"\x03\x00\x00\x00abc")])
 def test_linux_only_flags_are_refused(pair, flag, length, body):
-    """Laid out as on Linux (a bare header for a memfd payload, an arena reference):
-    before, Mach took them as an empty payload or as 24 bytes of data."""
+    """Laid out as on Linux (a bare header for a memfd payload, an arena reference, a batch
+    no Mach server announces): before, Mach took them as an empty payload or as data."""
     server, _client = pair
     service = mach._mach.look_up(NAME)
     mach._mach.send(service, mm.MACH_MSG_TYPE_COPY_SEND, 0, 0, pack_header(Kind.MESSAGE, 0, length, flags=flag),

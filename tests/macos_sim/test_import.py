@@ -42,6 +42,24 @@ def test_request_reply_and_graceful_stop():
     srv.close()
 
 
+def test_send_many_on_macos_sends_one_message_each():
+    """Mach has no HELLO, so no server announces BATCH: send_many sends each message as
+    send() would (large ones out of line), in order."""
+    srv = machipc.Server("org.machipc.sim.many")
+    got = []
+    t = threading.Thread(target=srv.serve, args=(lambda m: got.append(bytes(m.data)),), daemon=True)
+    t.start()
+    items = [b"%d" % i for i in range(50)] + [os.urandom(100_000), b"last"]
+    with machipc.Client("org.machipc.sim.many", timeout=30) as cli:
+        assert cli.server_limits is None
+        assert cli.send_many(items) == len(items)
+        assert cli.request(b"sync?") == b""  # the handler's None: an empty reply, after every message
+    srv.stop()
+    t.join(60)
+    srv.close()
+    assert got == items + [b"sync?"] and srv.stats.received == len(items) + 1
+
+
 def test_client_buffer_on_macos():
     """Finding 16: Client.buffer() / Message.buffer() without memfds (anonymous mapping, sent OOL)."""
     srv = machipc.Server("org.machipc.sim.buffer")
