@@ -277,10 +277,12 @@ class Server:
                 "receive on it (make a Server in the child, or fork before making it)"
             )
 
-    def _receive(self, timeout: Optional[float], max_count: int, inline_only: bool = False) -> list[Message]:
+    def _receive(self, timeout: Optional[float], max_count: int, inline_only: bool = False,
+                 queued_only: bool = False) -> list[Message]:
         """Up to ``max_count`` messages (see receive_many). ``inline_only``: a message whose
         payload came out of line (a mapped memfd or a copied arena region) ends the batch, so
-        large payloads are not held all at once (the copies' memory pool could not reuse them)."""
+        large payloads are not held all at once (the copies' memory pool could not reuse them).
+        ``queued_only``: take only what is already queued, never wait (may return [])."""
         self._check_not_forked()
         deadline = deadline_of(timeout)
         batch: list[Message] = []
@@ -297,9 +299,9 @@ class Server:
                         batch.extend(_take(self._unbatched, max_count - len(batch)))
                         if len(batch) == max_count:
                             return batch
-                    got = self._transport.recv(0 if batch else remaining(deadline))
+                    got = self._transport.recv(0 if batch or queued_only else remaining(deadline))
                     if got is None:
-                        if batch:
+                        if batch or queued_only:
                             return batch
                         if deadline is not None and remaining(deadline) == 0.0:
                             raise IPCTimeoutError(f"no message within {timeout} s")
@@ -318,7 +320,7 @@ class Server:
                         batch.append(msg)
                         if inline_only and msg.data.__class__ is not bytes:
                             return batch
-                    if batch:
+                    if batch or queued_only:
                         # Bounded by packets, not messages: under a flood of refused packets the
                         # messages already taken must not wait for max_count allowed ones.
                         looked += 1
@@ -537,13 +539,16 @@ class Server:
             pool = WorkerPool(self._dispatch, handler, workers, ordered=ordered, queue_size=queue_size)
         graceful = False
         activation.notify("READY=1")
+        queued = False  # the last batch had messages: take what is queued, without waiting
         try:
             while True:
                 try:
-                    # What is queued, in one go (waits only for the first): the receive lock,
-                    # deadline and list are set up once per batch, not once per message. With
-                    # workers, one at a time: the pool's bounded queue is the back-pressure.
-                    batch = self._receive(None, _SERVE_BATCH if pool is None else 1, True)
+                    # A message that had to be waited for is handled at once, before asking for
+                    # more (a request's reply must not wait for that question's system calls);
+                    # after it, what is queued is taken in one go: the receive lock, deadline and
+                    # list are set up once per batch, not once per message. With workers, one at
+                    # a time: the pool's bounded queue is the back-pressure.
+                    batch = self._receive(None, _SERVE_BATCH if queued else 1, True, queued)
                 except ServerClosed:
                     graceful = not self._closed
                     break
@@ -554,6 +559,7 @@ class Server:
                         self._dispatch(handler, msg)
                     else:
                         pool.submit(msg)
+                queued = pool is None and bool(batch)
                 batch = msg = None  # drop the last connections' references so their fds can close
             if graceful:
                 deadline = deadline_of(drain_timeout)
