@@ -38,6 +38,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_PASSCRED
         SO_PEERCRED
+        SO_RCVTIMEO
         SCM_RIGHTS
         SCM_CREDENTIALS
         MSG_DONTWAIT

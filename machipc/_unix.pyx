@@ -20,7 +20,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec, timeval
 from posix.unistd cimport close, read, write
 
 from ._posix cimport *
@@ -302,8 +302,12 @@ cdef inline void _hand_off_deferred(Packet *pk, owner):
     pk.ndeferred = 0
 
 
-cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet *pk) noexcept nogil:
-    """One non-blocking recvmsg. Returns 1 (packet or EOF in pk), 0 (nothing queued), -1 (errno)."""
+cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet *pk, bint wait=False) noexcept nogil:
+    """One non-blocking recvmsg. Returns 1 (packet or EOF in pk), 0 (nothing queued), -1 (errno).
+
+    ``wait``: a blocking recvmsg instead (the fd must not be O_NONBLOCK), bounded by its
+    SO_RCVTIMEO: 0 when that ran out, -1 with errno EINTR on a signal (the caller runs its
+    Python handler before waiting again)."""
     cdef iovec iov
     cdef msghdr msg
     cdef cmsghdr *c
@@ -325,10 +329,12 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     msg.msg_controllen = CMSG_BUF
     msg.msg_flags = 0
     while True:
-        n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC if wait else MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
         if n >= 0:
             break
         if errno == EINTR:
+            if wait:
+                return -1
             continue
         if errno == EAGAIN:
             return 0
@@ -519,6 +525,7 @@ cdef class Conn:
     cdef int peer_pidfd
     cdef unsigned long long peer_ino
     cdef bint pidfd_per_packet  # SO_PASSPIDFD is on: packets carry their own pidfd
+    cdef int rcvtimeo_ms  # client side: the SO_RCVTIMEO set on fd, in ms (0: none yet)
     # Threads using ``fd`` without the GIL; close() waits for them (see _enter/close).
     cdef int busy
     cdef bint close_pending
@@ -549,7 +556,9 @@ cdef class Conn:
         self.account = Account()
         self.peer_uid = -1
         if sock is not None:
-            sock.setblocking(False)
+            # A client's socket blocks: a receive waits in recvmsg itself (see _recv_until).
+            # Every other call passes MSG_DONTWAIT. A server's sockets never block.
+            sock.setblocking(not server_side)
             self.fd = sock.detach()
         if not server_side:
             self._alloc_buffers()
@@ -1022,10 +1031,14 @@ cdef class Conn:
         return self._recv_until(_deadline(timeout))
 
     cdef object _recv_until(self, double deadline):
+        """The next packet, waiting until ``deadline``. A client waits in a blocking recvmsg,
+        bounded by SO_RCVTIMEO: one system call per reply, as poll + recvmsg would be two.
+        A server's connection (non-blocking) waits in poll."""
         cdef pollfd pfd
         cdef int ms, rc
         cdef Packet pk
         cdef int fd
+        cdef bint blocking = not self.server_side
         if self.buf == NULL:
             self._alloc_buffers()
         if self.fd < 0 or self.close_pending:
@@ -1036,13 +1049,18 @@ cdef class Conn:
             pfd.events = POLLIN
             while True:
                 ms = _ms_left(deadline)
+                if blocking and ms != 0:
+                    self._bound_wait(fd, ms)
                 with nogil:
-                    # Wait first: a reply is almost never there yet, so this saves a recvmsg.
-                    rc = poll(&pfd, 1, ms) if ms != 0 else 1
-                    if rc > 0:
-                        rc = _recv_packet(fd, self.buf, self.cbuf, self.server_side, &pk)
-                        if rc == 0:
-                            rc = -2  # spurious wake-up
+                    if blocking:
+                        rc = _recv_packet(fd, self.buf, self.cbuf, self.server_side, &pk, ms != 0)
+                    else:
+                        # Wait first: a packet is almost never there yet, so this saves a recvmsg.
+                        rc = poll(&pfd, 1, ms) if ms != 0 else 1
+                        if rc > 0:
+                            rc = _recv_packet(fd, self.buf, self.cbuf, self.server_side, &pk)
+                            if rc == 0:
+                                rc = -2  # spurious wake-up
                 if rc == 1:
                     got = self._result(&pk, self.buf)
                     if self._took_hello(got):
@@ -1057,6 +1075,28 @@ cdef class Conn:
                     return None
         finally:
             self._leave()
+
+    cdef int _bound_wait(self, int fd, int ms) except -1:
+        """Bound the next blocking receive to ``ms`` ms (-1: no limit) with SO_RCVTIMEO.
+
+        No limit is an hour, waited again: a finite timeout makes the kernel end the
+        wait with EINTR on a signal even under SA_RESTART (net/core/sock.c,
+        sock_intr_errno), so a Python signal handler always runs promptly. The value
+        set is kept while it is at most ``ms`` and within 1/64 of it (one setsockopt
+        per timeout, not per call): the wait never outlasts the deadline, and may end
+        a little early (the caller then waits again for what is left).
+        """
+        cdef timeval tv
+        if ms < 0:
+            ms = 3600 * 1000
+        if ms - (ms >> 6) <= self.rcvtimeo_ms <= ms:
+            return 0
+        tv.tv_sec = ms // 1000
+        tv.tv_usec = (ms % 1000) * 1000
+        if setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0:
+            raise error_from_errno(errno, "setsockopt SO_RCVTIMEO")
+        self.rcvtimeo_ms = ms
+        return 0
 
     def recv_nowait(self):
         """Receive one packet if one is queued (None if not)."""

@@ -30,6 +30,10 @@ __all__ = ["connect", "open_service", "seqpacket_socket"]
 
 _TIMEVAL = struct.Struct("@ll")
 _MIN_WAIT = 1e-3  # SO_SNDTIMEO of 0 means "forever": never ask for less than this
+# No limit is this many seconds, waited again. Never SO_SNDTIMEO 0: with no timeout the kernel
+# restarts a connect() a signal interrupted under SA_RESTART, and the Python handler would not
+# run until the wait ends (net/unix/af_unix.c waits with sock_sndtimeo; sock_intr_errno).
+_FOREVER_SLICE = 3600.0
 
 
 def seqpacket_socket() -> socket.socket:
@@ -50,7 +54,7 @@ def connect(sock: socket.socket, path: str, timeout: Optional[float]) -> None:
         while True:
             left = remaining(deadline)
             if left is None:
-                wait = 0.0  # forever
+                wait = _FOREVER_SLICE
             elif left == 0.0:
                 wait = -1.0  # one non-blocking attempt
             else:

@@ -4,7 +4,8 @@ The child blocks in one call (send into a full queue, send_many, request with no
 answer, receive with nothing to receive, connect to a full backlog) and the test
 signals it:
 
-* SIGINT: the default handler's KeyboardInterrupt must come out of the call;
+* SIGINT: the default handler's KeyboardInterrupt must come out of the call,
+  also when the handler is installed with SA_RESTART (``signal.siginterrupt``);
 * SIGUSR1 with a handler that returns: the handler runs, and the call goes on
   with what is left of its timeout (IPCTimeoutError, not InterruptedError).
 
@@ -66,7 +67,9 @@ CHILD = """
 import machipc, signal, sys, time
 NAME, D, IMPL, MODE = sys.argv[1:5]
 {setup}
-if MODE == "int":
+if MODE.startswith("int"):
+    if MODE == "int-restart":  # SA_RESTART: a system call the kernel restarts keeps waiting
+        signal.siginterrupt(signal.SIGINT, False)
     try:
         print("ready", flush=True)
         call(None)
@@ -85,6 +88,20 @@ else:
 """
 
 
+def wait_until_blocked(pid: int) -> None:
+    """Wait (up to 10 s) until ``pid`` sleeps in a system call, so the first signal finds it
+    blocked in the call under test rather than on its way there."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "S":
+                    return
+        except OSError:
+            return
+        time.sleep(0.01)
+
+
 def run_child(op: str, impl: str, sockdir: str, mode: str, signum: int) -> str:
     code = CHILD.format(setup=textwrap.dedent(BLOCK[op]))
     child = subprocess.Popen(
@@ -92,6 +109,7 @@ def run_child(op: str, impl: str, sockdir: str, mode: str, signum: int) -> str:
     )
     try:
         assert child.stdout.readline().strip() == "ready", child.stdout.read()
+        wait_until_blocked(child.pid)
         deadline = time.monotonic() + 60
         while child.poll() is None and time.monotonic() < deadline:
             child.send_signal(signum)
@@ -120,6 +138,13 @@ def silent_server(impl, sockdir):
 @pytest.mark.parametrize("op", sorted(BLOCK))
 def test_sigint_interrupts_blocking_call(op, impl, sockdir, silent_server):
     assert run_child(op, impl, sockdir, "int", signal.SIGINT) == "KeyboardInterrupt"
+
+
+@pytest.mark.parametrize("op", sorted(BLOCK))
+def test_sigint_interrupts_blocking_call_under_sa_restart(op, impl, sockdir, silent_server):
+    # A wait with no timeout must still come back to Python for the handler to run: a
+    # blocking recvmsg without SO_RCVTIMEO would be restarted by the kernel and hang here.
+    assert run_child(op, impl, sockdir, "int-restart", signal.SIGINT) == "KeyboardInterrupt"
 
 
 @pytest.mark.parametrize("op", sorted(BLOCK))
