@@ -73,6 +73,8 @@ def feed(tx, conn, data: bytes, fds: list[int]):
     if isinstance(payload, Untaken):  # a large payload, left for the server to take once allowed
         status, payload = payload.take()
         payload = b"" if payload is None else payload
+    elif status == wire.Drop.OK and flags & wire.Flag.BATCH:  # a Batch: compared by its items
+        payload = wire.pack_batch(payload.items())
     return (status, kind, flags, rid, bytes(payload), pid, uid, gid)
 
 

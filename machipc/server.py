@@ -264,6 +264,9 @@ class Server:
         is kept and every message is policy-checked like ``receive``. It looks
         at no more than ``max_count`` packets after the first message (refused
         ones count), so a flood of refused packets cannot hold that one back.
+        A BATCH packet (``Client.send_many``, docs/protocol.md §5.4) is one
+        packet of several messages, each handed out as its own Message; those
+        over ``max_count`` come first in the next ``receive`` or ``receive_many``.
         """
         int_arg(max_count, "max_count", 1)
         return self._receive(timeout, max_count)
