@@ -142,7 +142,7 @@ def test_a_client_learns_the_server_limit_from_its_hello(serve, client):
     with pytest.raises(machipc.MessageTooLarge, match="over the server's limit of 1048576"):
         cli.request(b"x" * (2 * MiB), timeout=5)  # sent, refused by the server, region released
     assert srv.stats.too_large == 1
-    assert cli.server_limits == (MiB, arena.MAX_CAPACITY, arena.MAX_ARENAS, wire.INLINE_MAX)
+    assert cli.server_limits == (MiB, arena.MAX_CAPACITY, arena.MAX_ARENAS, wire.INLINE_MAX, wire.FEATURES)
     for _ in range(10):  # now refused before anything is sent
         with pytest.raises(machipc.MessageTooLarge, match="server's limit"):
             cli.send(b"x" * (2 * MiB), timeout=5)
