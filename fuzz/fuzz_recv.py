@@ -67,7 +67,8 @@ def feed(tx, conn, data: bytes, fds: list[int]):
         # the next packet's fds would hit RLIMIT_NOFILE and the kernel would cut the
         # control data (CTRUNC) for one twin and not the other, a harness artefact.
         _closer.flush()
-    status, _conn, kind, flags, rid, payload, pid, uid, gid, pidfd = got
+    status, kind, flags, rid, payload, pid, uid, gid, pidfd = (
+        got.status, got.kind, got.flags, got.request_id, got.payload, got.pid, got.uid, got.gid, got.pidfd)
     if pidfd >= 0:
         os.close(pidfd)
     if isinstance(payload, Untaken):  # a large payload, left for the server to take once allowed

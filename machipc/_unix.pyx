@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Linux transport, Cython implementation (the twin of ``unix.py``).
 
-Same classes, same tuples, same validation as ``machipc/unix.py``, whose module
+Same classes, same records, same validation as ``machipc/unix.py``, whose module
 docstring documents the interface. System calls run with the GIL released; one
 receive buffer per server is reused for every packet.
 """
@@ -174,6 +174,43 @@ cdef int _send_failed(int err, double deadline, object timeout, str what) except
     if err == EMSGSIZE:
         raise MessageTooLarge(f"{what}: too large for one packet")
     raise error_from_errno(err, what)
+
+
+cdef class Received:
+    """One received packet, a connection's end, or a refused connection: the fields of
+    machipc.received.Received (its docstring), as an extension type."""
+
+    cdef readonly int status
+    cdef readonly object conn
+    cdef readonly int kind
+    cdef readonly unsigned int flags
+    cdef readonly unsigned long long request_id
+    cdef readonly object payload
+    cdef readonly int pid
+    cdef readonly unsigned int uid
+    cdef readonly unsigned int gid
+    cdef readonly int pidfd
+    cdef readonly object peer  # always None here (Linux): the caller builds the Peer from pidfd
+
+    def __repr__(self):
+        return (f"<Received status={self.status} kind={self.kind} flags={self.flags:#x} request_id={self.request_id} "
+                f"pid={self.pid} uid={self.uid} gid={self.gid} pidfd={self.pidfd}>")
+
+
+cdef Received _received(int status, conn, int kind=0, unsigned int flags=0, unsigned long long request_id=0,
+                        payload=b"", int pid=0, unsigned int uid=0, unsigned int gid=0, int pidfd=-1):
+    cdef Received r = Received.__new__(Received)
+    r.status = status
+    r.conn = conn
+    r.kind = kind
+    r.flags = flags
+    r.request_id = request_id
+    r.payload = payload
+    r.pid = pid
+    r.uid = uid
+    r.gid = gid
+    r.pidfd = pidfd
+    return r
 
 
 cdef struct Packet:
@@ -826,7 +863,7 @@ cdef class Conn:
                 return
             _send_failed(err, deadline, timeout, f"send of {size} bytes")
 
-    cdef object _result(self, Packet *pk, const uint8_t *buf):
+    cdef Received _result(self, Packet *pk, const uint8_t *buf):
         cdef object payload = b""
         cdef Batch batch
         if pk.ndeferred:
@@ -862,7 +899,7 @@ cdef class Conn:
         elif pk.status != DROP_OK and pk.pidfd >= 0:
             close(pk.pidfd)
             pk.pidfd = -1
-        return (pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
+        return _received(pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
 
     def take(self, untaken):
         """Map (sealed memfd) or copy out (arena region) an untaken payload of this
@@ -973,7 +1010,7 @@ cdef class Conn:
         cdef Packet pk
         cdef int rc
         if self.fd < 0:
-            return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+            return _received(DROP_CLOSED, self)
         while True:
             with nogil:
                 rc = _recv_packet(self.fd, buf, cbuf, self.server_side, &pk)
@@ -985,11 +1022,11 @@ cdef class Conn:
             if not self._took_hello(got):
                 return got
 
-    cdef bint _took_hello(self, tuple got):
+    cdef bint _took_hello(self, Received got):
         """A HELLO (only a client accepts one): keep the server's limits, hand nothing on."""
-        if got[0] != DROP_OK or got[2] != KIND_HELLO:
+        if got.status != DROP_OK or got.kind != KIND_HELLO:
             return False
-        self.peer_limits = unpack_hello(got[5])
+        self.peer_limits = unpack_hello(got.payload)
         self.batch_room = batch_room(self.peer_limits)
         return True
 
@@ -1042,7 +1079,7 @@ cdef class Conn:
         if self.buf == NULL:
             self._alloc_buffers()
         if self.fd < 0 or self.close_pending:
-            return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+            return _received(DROP_CLOSED, self)
         fd = self._enter()
         try:
             pfd.fd = fd
@@ -1103,7 +1140,7 @@ cdef class Conn:
         if self.buf == NULL:
             self._alloc_buffers()
         if self.fd < 0 or self.close_pending:
-            return (DROP_CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+            return _received(DROP_CLOSED, self)
         self._enter()
         try:
             return self._recv_nowait(self.buf, self.cbuf)
@@ -1223,7 +1260,7 @@ cdef class ServerTransport:
                     continue
                 self.ready.rotate(-1)  # one packet per connection per turn: fairness
                 self.burst += 1
-                if got[0] == DROP_CLOSED:
+                if (<Received>got).status == DROP_CLOSED:
                     self._drop(conn)
                 return got
             # Re-poll even while connections stay ready: a flooding client must
@@ -1295,7 +1332,7 @@ cdef class ServerTransport:
             status = self.limits.admit(cred.uid)
             if status != DROP_OK:
                 conn.shutdown()
-                self.refused.append((status, None, 0, 0, 0, b"", cred.pid, cred.uid, cred.gid, -1))
+                self.refused.append(_received(status, None, 0, 0, 0, b"", cred.pid, cred.uid, cred.gid))
                 continue  # the socket is closed when conn goes (on the closer: it may hold fds)
             conn._pin_peer()
             conn.max_payload = self.max_payload

@@ -61,6 +61,7 @@ from .errors import (
 )
 from .args import DEFAULT, int_arg, timeout_arg
 from .message import Message
+from .received import Received
 from .policies import PolicyLike
 from .deadline import deadline_of, remaining
 from .wire import ErrorCode, Kind, pack_error
@@ -641,7 +642,7 @@ class Client:
             if not fut.done():
                 fut.set_exception(type(error)(*error.args))
 
-    def _deliver(self, got: tuple) -> None:
+    def _deliver(self, got: Received) -> None:
         rid, result, error = _client.decode_reply(self.name, got, self.sync.server_policy)
         if rid < 0:
             self._gone(error)

@@ -22,6 +22,7 @@ from .errors import (
 )
 from .args import DEFAULT, int_arg, timeout_arg
 from .peer import Peer
+from .received import Received
 from .policies import Allowlist, PolicyLike, as_policy, evaluate
 from .deadline import deadline_of, remaining
 from . import arena, forking, payload
@@ -70,7 +71,7 @@ _ERRORS = {
 }
 
 
-def decode_reply(name: str, got: tuple, server_policy=None) -> tuple[int, Optional[Reply], Optional[IPCError]]:
+def decode_reply(name: str, got: Received, server_policy=None) -> tuple[int, Optional[Reply], Optional[IPCError]]:
     """``(request_id, payload, error)`` of a packet a client received from ``name``.
 
     ``request_id`` is -1 when the packet is the connection's end (``error`` says so).
@@ -79,15 +80,15 @@ def decode_reply(name: str, got: tuple, server_policy=None) -> tuple[int, Option
     untrusted process is NotPermitted. (A bootstrap name is not owned like a
     socket file: a dynamic name belongs to whoever checked it in first.)
     """
-    status, _conn, kind, _flags, rid, payload = got[:6]
+    status, kind, rid, payload = got.status, got.kind, got.request_id, got.payload
     if status == Drop.CLOSED:
         return -1, None, PeerGone(f"server {name!r} closed the connection")
     if status != Drop.OK:
         text = DROP_TEXT.get(Drop(status), Drop(status).name)
         log.warning("malformed reply from %r: %s", name, text)
         return rid, None, ProtocolError(f"malformed reply from the server: {text}")
-    sender = got[9]
-    if server_policy is not None and isinstance(sender, Peer):
+    sender = got.peer
+    if server_policy is not None and sender is not None:
         decision = evaluate(server_policy, sender)
         if not decision.allowed:
             log.warning("reply from an untrusted server of %r (pid %d, uid %d): %s", name, sender.pid, sender.uid,
@@ -450,7 +451,7 @@ class Client:
             if pending.event is not None and not pending.done:
                 pending.event.set()
 
-    def _deliver(self, got: tuple) -> None:
+    def _deliver(self, got: Received) -> None:
         self._finish(decode_reply(self.name, got, self.server_policy))
 
     def _finish(self, decoded: tuple) -> None:

@@ -16,7 +16,7 @@ the Cython primitives of ``machipc._mach`` (built on macOS only):
 
 Every received message is validated by :func:`machipc.machmsg.parse` before
 use, and its sender comes from the kernel's audit trailer (never cached per
-connection): the last slot of each received tuple is a ready-made
+connection): each received record's ``peer`` (machipc.received) is a ready-made
 :class:`~machipc.peer.Peer` built by ``Peer.from_audit_token`` (pid, euid,
 egid; ``guard`` = pidversion, ``guard_kind`` = ``"pidversion"``).
 """
@@ -43,6 +43,7 @@ from .machmsg import (
     SendInterrupted,
 )
 from .peer import Peer
+from .received import Received
 from .deadline import deadline_of, remaining
 from .wire import (
     CLIENT_ACCEPTS,
@@ -267,7 +268,7 @@ class ServerTransport:
             self._kq = _mach.KQueue(self._set)
         return self._kq.fileno()
 
-    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+    def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """Next message (see machipc/unix.py); None on timeout or after ``wakeup()``."""
         got = self._rx.recv(self._set, timeout, False)
         if got is None:
@@ -277,11 +278,11 @@ class ServerTransport:
         if reason == _mach.WOKEN:
             return None
         if reason == _mach.TOO_LARGE:
-            return (Drop.TRUNCATED, ONE_WAY, 0, 0, 0, b"", 0, 0, 0, None)
+            return Received(Drop.TRUNCATED, ONE_WAY)
         audit = parsed.audit if parsed is not None else None
         pid, uid, gid = (audit.pid, audit.euid, audit.egid) if audit is not None else (0, 0, 0)
         if reason != Reject.OK:
-            return (REJECT_DROP[Reject(reason)], ONE_WAY, 0, 0, 0, b"", pid, uid, gid, None)
+            return Received(REJECT_DROP[Reject(reason)], ONE_WAY, 0, 0, 0, b"", pid, uid, gid)
         conn = ReplyConn(reply) if reply else ONE_WAY
         status, kind, flags, request_id, payload = _split(inline, region, SERVER_ACCEPTS)
         if status == Drop.OK and (kind == Kind.REQUEST) != bool(reply):
@@ -296,8 +297,8 @@ class ServerTransport:
                     region.release()
                 except BufferError:
                     pass
-            return (status, conn, kind, flags, request_id, b"", pid, uid, gid, None)
-        return (Drop.OK, conn, kind, flags, request_id, payload, pid, uid, gid, peer_of(audit))
+            return Received(status, conn, kind, flags, request_id, b"", pid, uid, gid)
+        return Received(Drop.OK, conn, kind, flags, request_id, payload, pid, uid, gid, peer=peer_of(audit))
 
     def disconnect(self, conn) -> None:
         """Drop ``conn``'s reply right (the client sees its request fail)."""
@@ -396,13 +397,13 @@ class Conn:
             _mach.destroy_receive(port)  # whatever became of the right, this port is not reused
             raise
 
-    def call(self, request_id: int, payload, timeout: Optional[float]) -> Optional[tuple]:
+    def call(self, request_id: int, payload, timeout: Optional[float]) -> Optional[Received]:
         """Send a REQUEST, then wait for the next reply (``timeout`` bounds both; see unix.Conn.call)."""
         deadline = deadline_of(timeout)
         self.send(Kind.REQUEST, request_id, payload, timeout)
         return self.recv(remaining(deadline))
 
-    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+    def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """Next reply (see machipc/unix.py); None on timeout; ``Drop.CLOSED`` after ``shutdown``."""
         got = self._rx.recv(self._set, timeout, True)
         if got is None:
@@ -411,10 +412,10 @@ class Conn:
         reason, parsed, inline, region, reply = got
         if reason == _mach.WOKEN:
             if self._closed:
-                return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, None)
+                return Received(Drop.CLOSED, self)
             return None
         if reason == _mach.TOO_LARGE:
-            return (Drop.TRUNCATED, self, 0, 0, 0, b"", 0, 0, 0, None)
+            return Received(Drop.TRUNCATED, self)
         rid = None
         if parsed is not None:
             with self._lock:
@@ -424,23 +425,23 @@ class Conn:
         audit = parsed.audit if parsed is not None else None
         pid, uid, gid = (audit.pid, audit.euid, audit.egid) if audit is not None else (0, 0, 0)
         if reason != Reject.OK:
-            return (REJECT_DROP[Reject(reason)], self, 0, 0, rid or 0, b"", pid, uid, gid, None)
+            return Received(REJECT_DROP[Reject(reason)], self, 0, 0, rid or 0, b"", pid, uid, gid)
         if parsed.notification:
             text = (
                 f"the server of {self.name!r} dropped request {rid} without answering (MACH_NOTIFY_SEND_ONCE): "
                 "it refused the message as malformed, its handler never replied, or it exited"
             )
-            return (Drop.OK, self, Kind.ERROR, 0, rid or 0, pack_error(ErrorCode.SHUTTING_DOWN, text), 0, 0, 0, None)
+            return Received(Drop.OK, self, Kind.ERROR, 0, rid or 0, pack_error(ErrorCode.SHUTTING_DOWN, text))
         if reply:
             _mach.deallocate(reply)  # a reply never carries a reply right of its own
         status, kind, flags, request_id, payload = _split(inline, region, CLIENT_ACCEPTS)
         if status == Drop.OK and rid is not None and request_id != rid:
             status, payload = Drop.BAD_REQUEST_ID, b""  # answered on another request's port
             request_id = rid
-        return (status, self, kind, flags, request_id, payload, pid, uid, gid,
-                peer_of(audit) if status == Drop.OK else None)
+        return Received(status, self, kind, flags, request_id, payload, pid, uid, gid,
+                        peer=peer_of(audit) if status == Drop.OK else None)
 
-    def recv_nowait(self) -> Optional[tuple]:
+    def recv_nowait(self) -> Optional[Received]:
         """One reply if one is queued, else None (for asyncio readers)."""
         return self.recv(0)
 

@@ -21,7 +21,7 @@ from .peer import Peer
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .ratelog import RateLimitedLog
 from .deadline import deadline_of, remaining
-from .unix import SAME_PEER
+from .received import SAME_PEER, Received
 from .budget import MappedBudget
 from .payload import MAX_PAYLOAD, Untaken, size_of as payload_size
 from .wire import DROP_ERROR, DROP_TEXT, INLINE_MAX, VERSION, VERSION_ERROR_VERSION, Drop, ErrorCode, Flag, Kind, pack_error
@@ -334,10 +334,11 @@ class Server:
                 if self._closed:
                     self._teardown()
 
-    def _admit(self, got: tuple) -> "Message | list[Message] | None":
+    def _admit(self, got: Received) -> "Message | list[Message] | None":
         """The message of one received packet (None: refused or dropped, counted and logged),
         or for a BATCH packet the list of its messages in order (possibly empty)."""
-        status, conn, kind, flags, request_id, payload, pid, uid, gid, pidfd = got
+        status, conn, kind, flags, request_id, payload, pid, uid = (
+            got.status, got.conn, got.kind, got.flags, got.request_id, got.payload, got.pid, got.uid)
         if status != _OK:
             if status == _CLOSED:
                 self._forget(conn)
@@ -352,7 +353,7 @@ class Server:
             _hang_up(conn)
             return None
         # Identity and decision first; a large payload is still untaken here.
-        peer, decision = self._identify(conn, pid, uid, gid, pidfd)
+        peer, decision = self._identify(got)
         if not decision.allowed:
             if self.enforce:
                 if payload.__class__ is Untaken:
@@ -426,13 +427,14 @@ class Server:
         self._rejections.pop(conn.id, None)
         self._allowed.discard(conn.id)
 
-    def _identify(self, conn, pid: int, uid: int, gid: int, pidfd: int) -> tuple[Peer, Decision]:
+    def _identify(self, got: Received) -> tuple[Peer, Decision]:
         """The Peer for this packet and the policy's decision, reused per process."""
-        if isinstance(pidfd, Peer):
+        if got.peer is not None:
             # Mach: the backend built the Peer from this message's audit token. Nothing is
             # kept per conn: each request has its own reply conn (a new id every time),
             # so entries would pile up forever; the DecisionCache keeps one per process.
-            return pidfd, self._decisions.decide(pidfd)
+            return got.peer, self._decisions.decide(got.peer)
+        conn, pidfd = got.conn, got.pidfd
         if pidfd == SAME_PEER:
             entry = self._peers[conn.id]
             peer = entry[0]
@@ -455,6 +457,7 @@ class Server:
             self._decisions.forget(peer)
             peer = peer.successor()
         else:
+            pid = got.pid
             if pidfd < 0 and pid > 0 and self.pidfd_guard == "pidfd_open":
                 try:
                     pidfd = os.pidfd_open(pid)
@@ -462,7 +465,7 @@ class Server:
                     pidfd = -1
             # The packet's pid is the sender's claim (SCM_CREDENTIALS): attributed only
             # where the sender could not have chosen it (Peer.pin_problem says why not).
-            peer = Peer.from_pidfd(pid, uid, gid, pidfd, claimed=True)
+            peer = Peer.from_pidfd(pid, got.uid, got.gid, pidfd, claimed=True)
         decision = self._decisions.decide(peer)
         entry = (peer, decision)
         if peer.guard is not None:

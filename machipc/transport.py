@@ -11,14 +11,12 @@ describes; they never ask which operating system they run on.
   are bootstrap (launchd) names.
 
 What a receive hands up (``Conn.recv``, ``Conn.call``,
-``ServerTransport.recv``) is None when the time ran out, else the tuple
-``(status, conn, kind, flags, request_id, payload, pid, uid, gid, sender)``:
-``status`` a :class:`machipc.wire.Drop`, ``kind``/``flags``/``request_id``
-the header's, ``pid``/``uid``/``gid`` the kernel's credentials of the sender,
-and ``sender`` what pins it: on Linux a pidfd the caller owns (``>= 0``),
--1 (none) or ``unix.SAME_PEER`` (the previous packet's process; see the
-docstring of machipc/unix.py), on macOS the :class:`machipc.Peer` built from
-the message's audit token.
+``ServerTransport.recv``) is None when the time ran out, else a
+:class:`machipc.received.Received` record: the header's fields, the kernel's
+credentials of the sender, and what pins the sender: on Linux ``pidfd`` (a
+pidfd the caller owns, -1, or ``SAME_PEER``: the previous packet's process;
+see the docstring of machipc/unix.py), on macOS ``peer``, the
+:class:`machipc.Peer` built from the message's audit token.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ from .connecting import open_service
 from .naming import service_path
 from .peer import Peer, pidfs_available
 from .policies import Policy
+from .received import Received
 
 __all__ = ["Conn", "ServerTransport", "Backend", "Connected", "Listening", "backend"]
 
@@ -47,11 +46,11 @@ class Conn(Protocol):
     def send(self, kind: int, request_id: int, payload, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` s while the peer's queue is full."""
 
-    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[tuple]:
+    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[Received]:
         """Client side: send a REQUEST of inline ``payload``, then wait for the next packet
         (``timeout`` bounds both; the caller matches the request id)."""
 
-    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+    def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """The next packet (see the module doc), None after ``timeout`` s."""
 
     def shutdown(self) -> None:
@@ -67,7 +66,7 @@ class ServerTransport(Protocol):
 
     connections: int  #: connected clients now
 
-    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+    def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """The next packet or connection end from any client (module doc); None after
         ``timeout`` s or a ``wakeup()``."""
 

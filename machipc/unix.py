@@ -16,16 +16,14 @@ any other pid (the socket was passed on, or inherited by a child) turns on
 ``SCM_PIDFD``; the packet itself stays unpinned (pidfd -1), and so does one
 that arrives after the pinned process died.
 
-Both implementations expose the same classes and return the same tuples:
-
+Both implementations expose the same classes and hand up the same records:
 ``Conn.recv(timeout)`` and ``ServerTransport.recv(timeout)`` return ``None`` on
-timeout, else ``(status, conn, kind, flags, request_id, payload, pid, uid, gid,
-pidfd)`` where ``status`` is a :class:`machipc.wire.Drop` and ``pidfd`` is
+timeout, else a :class:`machipc.received.Received` whose ``pidfd`` is
 
 * ``>= 0``: a new pidfd the caller now owns,
 * ``-1``: the kernel sent none (old kernel, or the sender is already reaped),
-* ``-2``: same process as the previous packet on this connection (the
-  duplicate pidfd was closed; reuse the Peer made for that packet).
+* ``SAME_PEER`` (-2): same process as the previous packet on this connection
+  (the duplicate pidfd was closed; reuse the Peer made for that packet).
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ from .budget import Account, ConnLimits
 from .outbox import REPLY_QUEUE_BYTES, Outbox
 from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
+from .received import SAME_PEER, Received
 from .wire import (
     ARENA_REF_SIZE,
     BATCH_ITEM_SIZE,
@@ -83,7 +82,6 @@ SO_PEERPIDFD = 77
 #: Seconds the listener is left alone after accept ran out of fds.
 ACCEPT_PAUSE = 0.1
 SCM_PIDFD = 4
-SAME_PEER = -2
 ARENA_PACKET = HEADER_SIZE + ARENA_REF_SIZE
 _UCRED = struct.Struct("=iII")
 #: Room for credentials, a pidfd and up to 253 unexpected fds (so they can be closed).
@@ -276,18 +274,18 @@ class Conn:
             poller.register(self.fd, select.POLLOUT)
             poller.poll(None if left is None else max(1, int(left * 1000)))
 
-    def recv_nowait(self) -> Optional[tuple]:
+    def recv_nowait(self) -> Optional[Received]:
         """Receive one packet if one is queued (None if not); see the module doc."""
         try:
             self._enter()
         except PeerGone:
-            return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+            return Received(Drop.CLOSED, self)
         try:
             return self._recv_claimed()
         finally:
             self._leave()
 
-    def _recv_claimed(self) -> Optional[tuple]:
+    def _recv_claimed(self) -> Optional[Received]:
         while True:
             try:
                 data, anc, msg_flags, _ = self.sock.recvmsg(PACKET_MAX, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
@@ -298,15 +296,15 @@ class Conn:
                 # of the packets it sent before leaving. Read on; EOF comes after them.
                 continue
             if not data and not anc:
-                return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+                return Received(Drop.CLOSED, self)
             got = self._parse(data, anc, msg_flags)
-            if got[0] == Drop.OK and got[2] == Kind.HELLO:  # only a client accepts HELLO
-                self.peer_limits = limits = unpack_hello(got[5])  # kept on the connection, not handed on
+            if got.status == Drop.OK and got.kind == Kind.HELLO:  # only a client accepts HELLO
+                self.peer_limits = limits = unpack_hello(got.payload)  # kept on the connection, not handed on
                 self.batch_room = batch_room(limits)
                 continue
             return got
 
-    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[tuple]:
+    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[Received]:
         """Client side: send a REQUEST of inline ``payload``, then wait for the next packet.
 
         ``timeout`` (seconds, None: no limit) bounds the send and the wait
@@ -321,15 +319,15 @@ class Conn:
         self._sendmsg([pack_header(Kind.REQUEST, request_id, size), payload], [], timeout)
         return self._recv_until(deadline)
 
-    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+    def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """Wait up to ``timeout`` for one packet (None on timeout)."""
         return self._recv_until(deadline_of(timeout))
 
-    def _recv_until(self, deadline: Optional[float]) -> Optional[tuple]:
+    def _recv_until(self, deadline: Optional[float]) -> Optional[Received]:
         try:
             self._enter()
         except PeerGone:
-            return (Drop.CLOSED, self, 0, 0, 0, b"", 0, 0, 0, -1)
+            return Received(Drop.CLOSED, self)
         try:
             poller = select.poll()
             poller.register(self.fd, select.POLLIN)
@@ -344,7 +342,7 @@ class Conn:
         finally:
             self._leave()
 
-    def _parse(self, data: bytes, anc: list, msg_flags: int) -> tuple:
+    def _parse(self, data: bytes, anc: list, msg_flags: int) -> Received:
         pid = uid = gid = 0
         pidfd = -1
         fds: list[int] = []
@@ -390,10 +388,10 @@ class Conn:
         if status != Drop.OK:
             if pidfd >= 0:
                 os.close(pidfd)
-            return (status, self, kind, flags, request_id, b"", pid, uid, gid, -1)
+            return Received(status, self, kind, flags, request_id, b"", pid, uid, gid)
         if self._server_side:
             pidfd = self._identify(pid, uid, gid, pidfd)
-        return (status, self, kind, flags, request_id, payload, pid, uid, gid, pidfd)
+        return Received(status, self, kind, flags, request_id, payload, pid, uid, gid, pidfd)
 
     def _identify(self, pid: int, uid: int, gid: int, pidfd: int) -> int:
         """The pidfd for a valid packet (or -1, or SAME_PEER); see the module doc."""
@@ -612,7 +610,7 @@ class ServerTransport:
         self.budget = None
         #: Per-uid caps checked at accept (Server sets them).
         self.limits = ConnLimits()
-        self._refused: deque[tuple] = deque()  # connections refused at accept, reported by recv
+        self._refused: deque[Received] = deque()  # connections refused at accept, reported by recv
         self._accept_paused_until = 0.0  # out of fds: the listener is off epoll until then
         self._ep = select.epoll()
         self._readable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # (Linux-only names)
@@ -631,7 +629,7 @@ class ServerTransport:
         """The epoll fd: readable when ``recv(0)`` has work (for ``loop.add_reader``)."""
         return self._ep.fileno()
 
-    def recv(self, timeout: Optional[float]) -> Optional[tuple]:
+    def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """Next packet or connection event from any client.
 
         None when ``timeout`` passed or ``wakeup()`` was called. A connection
@@ -650,7 +648,7 @@ class ServerTransport:
                     continue
                 self._ready.rotate(-1)  # one packet per connection per turn: fairness
                 self._burst += 1
-                if got[0] == Drop.CLOSED:
+                if got.status == Drop.CLOSED:
                     self._drop(conn)
                 return got
             # Re-poll even while connections stay ready: a flooding client must
@@ -713,7 +711,7 @@ class ServerTransport:
             status = self.limits.admit(conn.peer_uid)
             if status != Drop.OK:
                 conn.shutdown()
-                self._refused.append((status, None, 0, 0, 0, b"", pid, conn.peer_uid, gid, -1))
+                self._refused.append(Received(status, None, 0, 0, 0, b"", pid, conn.peer_uid, gid))
                 continue  # the socket is closed when conn goes (on the closer: it may hold fds)
             conn._pin_peer()
             conn.max_payload = self.max_payload

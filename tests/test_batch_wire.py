@@ -103,11 +103,11 @@ def test_both_transports_hand_up_a_batch_or_drop_it_whole(items, cut):
         got = conn.recv(5.0)
         a.close()
         if expected is None:
-            assert (got[0], got[5]) == (Drop.BAD_BATCH, b""), impl
+            assert (got.status, got.payload) == (Drop.BAD_BATCH, b""), impl
         else:
-            assert got[0] == Drop.OK and got[3] == Flag.BATCH, impl
-            assert len(got[5]) == len(expected) and got[5].items() == expected, impl
-            assert got[6] == os.getpid()  # one set of credentials for the packet
+            assert got.status == Drop.OK and got.flags == Flag.BATCH, impl
+            assert len(got.payload) == len(expected) and got.payload.items() == expected, impl
+            assert got.pid == os.getpid()  # one set of credentials for the packet
         conn.close()
 
 

@@ -23,6 +23,7 @@ import pytest
 
 import machipc
 from machipc import arena, wire
+from machipc.received import Received
 from machipc.wire import ErrorCode, Flag, Kind
 
 from conftest import wait_for
@@ -517,7 +518,7 @@ def test_client_side_checks(transport, case):
     for fd in fds:
         os.close(fd)
     got = conn.recv(10)
-    assert got[0] == expected
+    assert got.status == expected
     rid, data, error = decode_reply("conformance", got)
     assert rid == 9  # a malformed answer still fails the request it names
     assert (error is None) == (expected == Drop.OK and HEADER.unpack_from(packet)[2] == Kind.REPLY)
@@ -526,7 +527,7 @@ def test_client_side_checks(transport, case):
 
 
 def test_client_treats_an_unknown_error_code_as_a_failure():
-    _rid, data, error = decode_reply("conformance", (Drop.OK, None, Kind.ERROR, 0, 9, wire.pack_error(999, "new"), 0, 0, 0, -1))
+    _rid, data, error = decode_reply("conformance", Received(Drop.OK, None, Kind.ERROR, 0, 9, wire.pack_error(999, "new")))
     assert data is None and isinstance(error, machipc.RemoteError) and "new" in str(error)
 
 

@@ -56,7 +56,8 @@ def test_one_way_from_subprocess_has_real_pid(server, name):
     got = server.recv(10.0)
     p.wait(10)
     assert got is not None, p.stderr.read()
-    status, conn, kind, flags, rid, payload, pid, uid, gid, peer = got
+    status, conn, kind, flags, rid, payload, pid, uid, gid, peer = (
+        got.status, got.conn, got.kind, got.flags, got.request_id, got.payload, got.pid, got.uid, got.gid, got.peer)
     assert status == Drop.OK and kind == Kind.MESSAGE and rid == 0 and bytes(payload) == b"hello"
     assert pid == p.pid == peer.pid
     assert uid == os.geteuid() and peer.guard_kind == "pidversion" and peer.guard
@@ -68,9 +69,10 @@ def test_request_reply_from_subprocess(server, name):
     p = client_proc(name, """
         c.send(Kind.REQUEST, 7, b'ping', 5.0)
         got = c.recv(10.0)
-        print(got[0], got[2], got[4], bytes(got[5]).decode())
+        print(got.status, got.kind, got.request_id, bytes(got.payload).decode())
     """)
-    status, conn, kind, _f, rid, payload, pid, *_ = server.recv(10.0)
+    _got = server.recv(10.0)
+    status, conn, kind, rid, payload, pid = _got.status, _got.conn, _got.kind, _got.request_id, _got.payload, _got.pid
     assert (status, kind, rid, bytes(payload), pid) == (Drop.OK, Kind.REQUEST, 7, b"ping", p.pid)
     conn.send(Kind.REPLY, 7, b"pong", 5.0)
     out, err = p.communicate(timeout=10)
@@ -83,14 +85,15 @@ def test_payload_sizes_inline_and_ool(server, name, size):
     c = mach.client_conn(name, 5.0)
     try:
         c.send(Kind.REQUEST, 1, data, 5.0)
-        status, conn, kind, _f, rid, payload, pid, *_ = server.recv(10.0)
+        _got = server.recv(10.0)
+        status, conn, kind, rid, payload, pid = _got.status, _got.conn, _got.kind, _got.request_id, _got.payload, _got.pid
         assert status == Drop.OK and pid == os.getpid()
         assert bytes(payload) == data
         if size > mach._mach.OOL_THRESHOLD:
             assert isinstance(payload, memoryview) and payload.readonly
         conn.send(Kind.REPLY, 1, data, 5.0)
         got = c.recv(10.0)
-        assert got[0] == Drop.OK and bytes(got[5]) == data
+        assert got.status == Drop.OK and bytes(got.payload) == data
     finally:
         c.close()
 
@@ -100,8 +103,9 @@ def test_dropped_reply_right_fails_the_request(server, name):
     try:
         c.send(Kind.REQUEST, 3, b"x", 5.0)
         got = server.recv(10.0)
-        got[1].close()  # the server drops the send-once right unanswered
-        status, _c, kind, _f, rid, payload, *_ = c.recv(5.0)
+        got.conn.close()  # the server drops the send-once right unanswered
+        _got = c.recv(5.0)
+        status, kind, rid, payload = _got.status, _got.kind, _got.request_id, _got.payload
         assert (status, kind, rid) == (Drop.OK, Kind.ERROR, 3)
         code, text = unpack_error(payload)
         assert code == ErrorCode.SHUTTING_DOWN and "MACH_NOTIFY_SEND_ONCE" in text
@@ -116,7 +120,7 @@ def test_server_exit_fails_outstanding_requests(name):
         c.send(Kind.REQUEST, 5, b"x", 5.0)
         st.close()  # the queued request (and its reply right) is destroyed
         got = c.recv(5.0)
-        assert got is not None and got[2] == Kind.ERROR and got[4] == 5
+        assert got is not None and got.kind == Kind.ERROR and got.request_id == 5
         with pytest.raises(errors.PeerGone):
             c.send(Kind.MESSAGE, 0, b"x", 1.0)
     finally:
@@ -153,7 +157,7 @@ def test_queue_limit_raised(server, name):
     try:
         for i in range(50):  # the default limit is 5 messages
             c.send(Kind.MESSAGE, 0, b"%d" % i, 0)
-        assert [bytes(server.recv(1.0)[5]) for _ in range(50)] == [b"%d" % i for i in range(50)]
+        assert [bytes(server.recv(1.0).payload) for _ in range(50)] == [b"%d" % i for i in range(50)]
     finally:
         c.close()
 
@@ -177,7 +181,7 @@ def test_kqueue_fileno_turns_readable(server, name):
     try:
         c.send(Kind.MESSAGE, 0, b"x", 1.0)
         assert select.select([fd], [], [], 5)[0] == [fd]
-        assert server.recv(0)[0] == Drop.OK
+        assert server.recv(0).status == Drop.OK
     finally:
         c.close()
 
@@ -215,7 +219,7 @@ def test_inline_vs_ool_timing(name):
                     ext.send(c._service, 19, 0, 0, mach.pack_header(Kind.MESSAGE, 0, size), data, 5.0, threshold,
                              c._gen)
                     got = st.recv(5.0)
-                    assert got[0] == Drop.OK
+                    assert got.status == Drop.OK
                     del got
                 rows.append((size, mode, (time.perf_counter() - t0) / n * 1e6))
     finally:
@@ -311,7 +315,7 @@ def test_fileno_not_readable_after_the_port_is_emptied(server, name):
     try:
         c.send(Kind.MESSAGE, 0, b"x", 1.0)
         assert select.select([fd], [], [], 5)[0] == [fd]
-        assert server.recv(0)[0] == Drop.OK
+        assert server.recv(0).status == Drop.OK
         assert server.recv(0) is None
         assert select.select([fd], [], [], 0)[0] == []
     finally:
@@ -402,7 +406,7 @@ def test_client_buffer_sends_out_of_line(server, name):
             buf[:3] = b"abc"
             cli.send(buf)
     got = server.recv(10.0)
-    assert got[0] == Drop.OK and bytes(got[5][:3]) == b"abc" and len(got[5]) == 100_000
+    assert got.status == Drop.OK and bytes(got.payload[:3]) == b"abc" and len(got.payload) == 100_000
 
 
 def test_sender_identity_is_its_running_image(server, name):
@@ -414,8 +418,8 @@ def test_sender_identity_is_its_running_image(server, name):
     p = client_proc(name, "c.send(Kind.MESSAGE, 0, b'who', 5.0); import time; time.sleep(3)")
     try:
         got = server.recv(10.0)
-        assert got is not None and got[0] == Drop.OK, p.stderr.read()
-        peer = got[9]
+        assert got is not None and got.status == Drop.OK, p.stderr.read()
+        peer = got.peer
         exe = os.path.realpath(peer.exe)
         st = os.stat(exe)
         assert peer.exe_id == (st.st_dev, st.st_ino), peer.unknown_reason

@@ -85,8 +85,8 @@ def test_closed_connection_behaves_alike_in_both_transports(impl, sockdir):
         cli = machipc.Client("org.test.svc", directory=sockdir, impl=impl)
         conn = cli._conn
         conn.close()
-        assert conn.recv(0.1)[0] == wire.Drop.CLOSED
-        assert conn.recv_nowait()[0] == wire.Drop.CLOSED
+        assert conn.recv(0.1).status == wire.Drop.CLOSED
+        assert conn.recv_nowait().status == wire.Drop.CLOSED
         with pytest.raises(machipc.PeerGone):
             conn.send(Kind.MESSAGE, 0, b"x", 1)
 

@@ -36,8 +36,8 @@ def test_call_returns_the_reply_to_the_request_it_sent(impl, sockdir):
             t.start()
             got = cli._conn.call(7, b"question", 10.0)
             t.join(10)
-    assert got[0] == machipc.wire.Drop.OK and got[2] == machipc.wire.Kind.REPLY
-    assert got[4] == 7 and got[5] == b"answer"
+    assert got.status == machipc.wire.Drop.OK and got.kind == machipc.wire.Kind.REPLY
+    assert got.request_id == 7 and got.payload == b"answer"
 
 
 def test_server_and_client_never_ask_for_the_platform():

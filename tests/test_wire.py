@@ -85,9 +85,10 @@ def _classify(impl: str, data: bytes, server_side: bool = True):
     a.close()
     if got is None:
         return None, conn.peer_limits, b""
-    if got[0] == Drop.OK and got[3] & wire.Flag.BATCH:  # a Batch: its items, packed again
-        return got[0], got[2:5], wire.pack_batch(got[5].items())
-    return got[0], got[2:5], bytes(got[5])
+    fields = (got.kind, got.flags, got.request_id)
+    if got.status == Drop.OK and got.flags & wire.Flag.BATCH:  # a Batch: its items, packed again
+        return got.status, fields, wire.pack_batch(got.payload.items())
+    return got.status, fields, bytes(got.payload)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,7 @@ def test_a_client_keeps_the_hello_and_hands_on_what_follows(impl):
     a.send(packet(kind=Kind.HELLO, rid=0, payload=wire.pack_hello(1000, 2000, 3) + b"later fields"))
     a.send(packet(kind=Kind.REPLY, rid=9, payload=b"r"))
     got = conn.recv(5.0)
-    assert got[0] == Drop.OK and got[2:5] == (Kind.REPLY, 0, 9) and bytes(got[5]) == b"r"
+    assert got.status == Drop.OK and (got.kind, got.flags, got.request_id) == (Kind.REPLY, 0, 9) and bytes(got.payload) == b"r"
     assert conn.peer_limits == (1000, 2000, 3, wire.INLINE_MAX, wire.FEATURE_BATCH)
     assert conn.batch_room == wire.INLINE_MAX
     a.send(packet(kind=Kind.HELLO, rid=0, payload=wire.HELLO.pack(1000, 2000, 3, 4096)))  # no features field

@@ -61,14 +61,14 @@ def test_client_unmaps_hostile_replies(copy):
         for i in range(1, 21):
             client.send(Kind.REQUEST, i, b"x", 1.0)
             with KERNEL.as_task(hostile):
-                reply = server.recv(0)[1]._take()
+                reply = server.recv(0).conn._take()
             with KERNEL.cond:
                 bits = mm.MACH_MSGH_BITS(mm.MACH_MSG_TYPE_MOVE_SEND_ONCE, 0) | mm.MACH_MSGH_BITS_COMPLEX
                 descs = [{"type": mm.MACH_MSG_OOL_DESCRIPTOR, "copy": copy, "data": bytes(1 << 20)}]
                 kr, _ = KERNEL.msg_send(hostile, bits, reply, 0, 0x1234, pack_header(Kind.REPLY, i, 1 << 20), descs,
                                         mm.SEND_OPTIONS, 0)
             assert kr == mm.MACH_MSG_SUCCESS
-            assert client.recv(0)[0] != Drop.OK
+            assert client.recv(0).status != Drop.OK
         assert KERNEL.self_task.mapped() == 0
     finally:
         client.close()
@@ -186,10 +186,11 @@ def test_machservices_close_hands_the_queue_back_to_launchd():
         server.close()  # under launchd: the receive right and its queue go back to launchd
         assert client.recv(0) is None  # no MACH_NOTIFY_SEND_ONCE: the request is still queued
         server = mach.server_transport(name)  # the next instance gets it
-        status, conn, kind, _f, rid, payload, *_ = server.recv(0)
+        _got = server.recv(0)
+        status, conn, kind, rid, payload = _got.status, _got.conn, _got.kind, _got.request_id, _got.payload
         assert (status, rid, bytes(payload)) == (Drop.OK, 9, b"queued")
         conn.send(Kind.REPLY, 9, b"answered by the next instance", 1.0)
-        assert client.recv(0)[4] == 9
+        assert client.recv(0).request_id == 9
     finally:
         client.close()
         server.close()
@@ -209,7 +210,7 @@ def test_dynamic_name_close_fails_queued_requests(pair):
     client.send(Kind.REQUEST, 8, b"x", 1.0)
     server.close()
     got = client.recv(0)
-    assert got[2] == Kind.ERROR and got[4] == 8
+    assert got.kind == Kind.ERROR and got.request_id == 8
 
 
 # -- finding 13: an exception between receive and hand-off ---------------------------------------
@@ -227,7 +228,7 @@ def test_exception_after_receive_destroys_the_message(pair, monkeypatch):
     monkeypatch.undo()
     assert KERNEL.self_task.mapped() == 0
     got = client.recv(0)  # the reply right was destroyed: the client is told at once
-    assert got[2] == Kind.ERROR and got[4] == 4
+    assert got.kind == Kind.ERROR and got.request_id == 4
 
 
 # -- finding 15: Linux-only wire flags --------------------------------------------------------
@@ -242,7 +243,7 @@ def test_linux_only_flags_are_refused(pair, flag, length, body):
     mach._mach.send(service, mm.MACH_MSG_TYPE_COPY_SEND, 0, 0, pack_header(Kind.MESSAGE, 0, length, flags=flag),
                     body, 1.0)
     mach._mach.deallocate(service)
-    assert server.recv(0)[0] == Drop.BAD_FLAGS
+    assert server.recv(0).status == Drop.BAD_FLAGS
 
 
 # -- finding 20: one request answered from two threads ---------------------------------------------
@@ -250,7 +251,7 @@ def test_linux_only_flags_are_refused(pair, flag, length, body):
 def test_reply_conn_answers_once_from_many_threads(pair):
     server, client = pair
     client.send(Kind.REQUEST, 6, b"x", 1.0)
-    conn = server.recv(0)[1]
+    conn = server.recv(0).conn
     results = []
 
     def answer():

@@ -25,14 +25,14 @@ def test_fileno_not_readable_after_recv_empties_the_port():
         assert not readable(fd)
         client.send(Kind.MESSAGE, 0, b"x", 1.0)
         assert readable(fd)
-        assert server.recv(0)[0] == 0
+        assert server.recv(0).status == 0
         assert server.recv(0) is None  # what every reader callback ends with
         assert not readable(fd), "the kqueue fd stayed readable with the port empty: asyncio would spin"
         client.send(Kind.REQUEST, 3, b"y", 1.0)
-        server.recv(0)[1].send(Kind.REPLY, 3, b"z", 1.0)
+        server.recv(0).conn.send(Kind.REPLY, 3, b"z", 1.0)
         cfd = client.fileno()
         assert readable(cfd)
-        assert client.recv_nowait()[4] == 3 and client.recv_nowait() is None
+        assert client.recv_nowait().request_id == 3 and client.recv_nowait() is None
         assert not readable(cfd)
     finally:
         client.close()

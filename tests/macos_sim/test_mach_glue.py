@@ -33,7 +33,9 @@ def raw_send(header, payload=b"", reply=0, reply_disposition=0):
 def test_one_way_message(pair):
     server, client = pair
     client.send(Kind.MESSAGE, 0, b"hello", 1.0)
-    status, conn, kind, flags, rid, payload, pid, uid, gid, peer = server.recv(0)
+    _got = server.recv(0)
+    status, conn, kind, flags, rid, payload, pid, uid, gid, peer = (
+        _got.status, _got.conn, _got.kind, _got.flags, _got.request_id, _got.payload, _got.pid, _got.uid, _got.gid, _got.peer)
     me = KERNEL.self_task
     assert (status, kind, rid, bytes(payload)) == (Drop.OK, Kind.MESSAGE, 0, b"hello")
     assert (pid, uid, gid) == (me.pid, me.uid, me.gid)
@@ -48,13 +50,15 @@ def test_request_reply(pair, size):
     server, client = pair
     data = os.urandom(size)
     client.send(Kind.REQUEST, 11, data, 1.0)
-    status, conn, kind, _f, rid, payload, *_ = server.recv(0)
+    _got = server.recv(0)
+    status, conn, kind, rid, payload = _got.status, _got.conn, _got.kind, _got.request_id, _got.payload
     assert (status, kind, rid) == (Drop.OK, Kind.REQUEST, 11) and bytes(payload) == data
     assert isinstance(payload, memoryview) == (size > 32 * 1024)
     conn.send(Kind.REPLY, 11, data[::-1], 1.0)
     with pytest.raises(errors.PeerGone):
         conn.send(Kind.REPLY, 11, b"twice", 1.0)
-    status, _c, kind, _f, rid, payload, *_ = client.recv(0)
+    _got = client.recv(0)
+    status, kind, rid, payload = _got.status, _got.kind, _got.request_id, _got.payload
     assert (status, kind, rid) == (Drop.OK, Kind.REPLY, 11) and bytes(payload) == data[::-1]
 
 
@@ -62,16 +66,17 @@ def test_reply_ports_are_reused(pair):
     server, client = pair
     for i in range(1, 4):
         client.send(Kind.REQUEST, i, b"x", 1.0)
-        server.recv(0)[1].send(Kind.REPLY, i, b"y", 1.0)
-        assert client.recv(0)[4] == i
+        server.recv(0).conn.send(Kind.REPLY, i, b"y", 1.0)
+        assert client.recv(0).request_id == i
     assert len(client._free) == 1 and not client._waiting
 
 
 def test_dropped_reply_right_becomes_an_error(pair):
     server, client = pair
     client.send(Kind.REQUEST, 5, b"x", 1.0)
-    server.recv(0)[1].close()
-    status, _c, kind, _f, rid, payload, *_ = client.recv(0)
+    server.recv(0).conn.close()
+    _got = client.recv(0)
+    status, kind, rid, payload = _got.status, _got.kind, _got.request_id, _got.payload
     assert (status, kind, rid) == (Drop.OK, Kind.ERROR, 5)
     code, text = unpack_error(payload)
     assert code == ErrorCode.SHUTTING_DOWN and "MACH_NOTIFY_SEND_ONCE" in text
@@ -80,7 +85,7 @@ def test_dropped_reply_right_becomes_an_error(pair):
 def test_request_without_reply_right_is_dropped(pair):
     server, _client = pair
     raw_send(pack_header(Kind.REQUEST, 3, 1), b"x")
-    assert server.recv(0)[0] == Drop.BAD_REQUEST_ID
+    assert server.recv(0).status == Drop.BAD_REQUEST_ID
 
 
 def test_message_with_reply_right_is_dropped_and_right_released(pair):
@@ -88,7 +93,7 @@ def test_message_with_reply_right_is_dropped_and_right_released(pair):
     reply = client._reply_port()
     raw_send(pack_header(Kind.MESSAGE, 0, 1), b"x", reply, mm.MACH_MSG_TYPE_MAKE_SEND_ONCE)
     got = server.recv(0)
-    assert got[0] == Drop.BAD_REQUEST_ID and got[1] is mach.ONE_WAY
+    assert got.status == Drop.BAD_REQUEST_ID and got.conn is mach.ONE_WAY
     queue = KERNEL.self_task.space[reply][0].queue
     assert len(queue) == 1 and queue[0].msgh_id == mm.MACH_NOTIFY_SEND_ONCE
 
@@ -100,10 +105,11 @@ def test_malformed_wire_header_answerable(pair):
     reply = client._reply_port()
     client._waiting[reply] = 4
     raw_send(bytes(bad), b"x", reply, mm.MACH_MSG_TYPE_MAKE_SEND_ONCE)
-    status, conn, kind, _f, rid, *_ = server.recv(0)
+    _got = server.recv(0)
+    status, conn, kind, rid = _got.status, _got.conn, _got.kind, _got.request_id
     assert status == Drop.BAD_VERSION and rid == 4
     conn.send(Kind.ERROR, 4, b"\x03\x00malformed", 1.0)  # what Server._drop does
-    assert client.recv(0)[2] == Kind.ERROR
+    assert client.recv(0).kind == Kind.ERROR
 
 
 def test_kernel_sender_rejected(pair):
@@ -112,7 +118,7 @@ def test_kernel_sender_rejected(pair):
     kernel_like.pid = kernel_like.pidversion = kernel_like.uid = kernel_like.gid = 0
     with KERNEL.as_task(kernel_like):
         raw_send(pack_header(Kind.MESSAGE, 0, 1), b"x")
-    assert server.recv(0)[0] == Drop.NO_CREDENTIALS
+    assert server.recv(0).status == Drop.NO_CREDENTIALS
 
 
 def test_wakeup_and_shutdown(pair):
@@ -120,7 +126,7 @@ def test_wakeup_and_shutdown(pair):
     server.wakeup()
     assert server.recv(0) is None
     client.shutdown()
-    assert client.recv(0)[0] == Drop.CLOSED
+    assert client.recv(0).status == Drop.CLOSED
     with pytest.raises(errors.PeerGone):
         client.send(Kind.MESSAGE, 0, b"x", 1.0)
 
@@ -159,6 +165,6 @@ def test_too_large_inline_message_is_destroyed_and_its_sender_told(pair):
                                 pack_header(Kind.REQUEST, 7, 300 * 1024) + bytes(300 * 1024), [], mm.SEND_OPTIONS, 0)
         KERNEL.release(task, service)
     assert kr == mm.MACH_MSG_SUCCESS
-    assert server.recv(0)[0] == Drop.TRUNCATED
+    assert server.recv(0).status == Drop.TRUNCATED
     got = client.recv(0)
-    assert got[2] == Kind.ERROR and got[4] == 7
+    assert got.kind == Kind.ERROR and got.request_id == 7
