@@ -1042,10 +1042,11 @@ cdef class Conn:
         """Client side: send a REQUEST of inline ``payload``, then wait for the next packet.
 
         One call for a request's whole round trip: ``timeout`` (seconds, None:
-        no limit) bounds the send and the wait together. Returns what ``recv``
-        returns (None when the time ran out); as a rule the reply to this
-        request, but the caller matches ``request_id`` (a late reply to an
-        earlier request, or the connection's end, may come first).
+        no limit) bounds the send and the wait together. Returns the reply's
+        payload (``bytes``) when the next packet is a valid inline REPLY to
+        ``request_id``, the common case; else what ``recv`` returns (None when
+        the time ran out), for the caller to match: a late reply to an earlier
+        request, an error, a large reply, or the connection's end.
         """
         cdef double deadline = _deadline(timeout)
         cdef Py_buffer view
@@ -1061,16 +1062,17 @@ cdef class Conn:
             self._sendmsg_until(&msg, deadline, timeout, view.len)
         finally:
             PyBuffer_Release(&view)
-        return self._recv_until(deadline)
+        return self._recv_until(deadline, True, request_id)
 
     def recv(self, timeout):
         """Wait up to ``timeout`` for one packet (None on timeout)."""
         return self._recv_until(_deadline(timeout))
 
-    cdef object _recv_until(self, double deadline):
+    cdef object _recv_until(self, double deadline, bint match=False, unsigned long long reply_to=0):
         """The next packet, waiting until ``deadline``. A client waits in a blocking recvmsg,
         bounded by SO_RCVTIMEO: one system call per reply, as poll + recvmsg would be two.
-        A server's connection (non-blocking) waits in poll."""
+        A server's connection (non-blocking) waits in poll. ``match``: a valid inline REPLY
+        to ``reply_to`` with nothing attached comes back as its payload alone (see call)."""
         cdef pollfd pfd
         cdef int ms, rc
         cdef Packet pk
@@ -1099,6 +1101,9 @@ cdef class Conn:
                             if rc == 0:
                                 rc = -2  # spurious wake-up
                 if rc == 1:
+                    if (match and pk.status == DROP_OK and pk.kind == KIND_REPLY and pk.request_id == reply_to
+                            and pk.flags == 0 and pk.fd < 0 and pk.pidfd < 0 and pk.ndeferred == 0):
+                        return PyBytes_FromStringAndSize(<const char *>self.buf + HEADER_SIZE, pk.size - HEADER_SIZE)
                     got = self._result(&pk, self.buf)
                     if self._took_hello(got):
                         continue

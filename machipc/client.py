@@ -394,6 +394,8 @@ class Client:
             try:
                 deadline = deadline_of(timeout)  # InvalidArgument for a bad timeout: the lock is released
                 got = self._conn.call(rid, data, timeout)
+                if got.__class__ is bytes:  # the reply to this request, checked by the transport
+                    return got
                 while True:
                     if got is None:
                         raise IPCTimeoutError(f"no reply from {self.name!r} within {timeout} s")
@@ -416,7 +418,8 @@ class Client:
             if slot is not None:
                 self._pending.pop(rid, None)
             self._recv_lock.release()
-            self._wake_followers()
+            if self._pending:  # (a request registers before it tries the lock: none is missed)
+                self._wake_followers()
             if self._closed:  # close() came while we were reading: release the socket now
                 self._release()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 from types import ModuleType
-from typing import NamedTuple, Optional, Protocol, runtime_checkable
+from typing import NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 from . import _backend, activation, listening
 from .budget import MappedBudget
@@ -46,9 +46,11 @@ class Conn(Protocol):
     def send(self, kind: int, request_id: int, payload, timeout: Optional[float]) -> None:
         """Send one packet, waiting up to ``timeout`` s while the peer's queue is full."""
 
-    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[Received]:
+    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Union[Received, bytes, None]:
         """Client side: send a REQUEST of inline ``payload``, then wait for the next packet
-        (``timeout`` bounds both; the caller matches the request id)."""
+        (``timeout`` bounds both). A transport may return just the payload (``bytes``) when
+        that packet is the valid inline REPLY to ``request_id`` from a sender it vouches for
+        (Linux: the socket's, checked at connect); else the caller matches the request id."""
 
     def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """The next packet (see the module doc), None after ``timeout`` s."""

@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Optional
+from typing import Optional, Union
 
 from .deadline import deadline_of, remaining
 from .errors import IPCError, IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
@@ -304,20 +304,26 @@ class Conn:
                 continue
             return got
 
-    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Optional[Received]:
+    def call(self, request_id: int, payload: bytes, timeout: Optional[float]) -> Union[Received, bytes, None]:
         """Client side: send a REQUEST of inline ``payload``, then wait for the next packet.
 
         ``timeout`` (seconds, None: no limit) bounds the send and the wait
-        together. Returns what ``recv`` returns (None when the time ran out);
-        the caller matches ``request_id`` (a late reply to an earlier request,
-        or the connection's end, may come first).
+        together. Returns the reply's payload (``bytes``) when the next packet
+        is a valid inline REPLY to ``request_id``, the common case; else what
+        ``recv`` returns (None when the time ran out), for the caller to match:
+        a late reply to an earlier request, an error, a large reply, or the
+        connection's end.
         """
         deadline = deadline_of(timeout)
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
         if size > INLINE_MAX:
             raise MessageTooLarge(f"call: {size} bytes do not fit inline")
         self._sendmsg([pack_header(Kind.REQUEST, request_id, size), payload], [], timeout)
-        return self._recv_until(deadline)
+        got = self._recv_until(deadline)
+        if (got is not None and got.status == Drop.OK and got.kind == Kind.REPLY and got.request_id == request_id
+                and got.flags == 0 and got.pidfd < 0 and type(got.payload) is bytes):
+            return got.payload
+        return got
 
     def recv(self, timeout: Optional[float]) -> Optional[Received]:
         """Wait up to ``timeout`` for one packet (None on timeout)."""

@@ -36,8 +36,25 @@ def test_call_returns_the_reply_to_the_request_it_sent(impl, sockdir):
             t.start()
             got = cli._conn.call(7, b"question", 10.0)
             t.join(10)
-    assert got.status == machipc.wire.Drop.OK and got.kind == machipc.wire.Kind.REPLY
-    assert got.request_id == 7 and got.payload == b"answer"
+    assert got == b"answer"  # the matching inline REPLY: its payload alone
+
+
+def test_call_hands_any_other_packet_on_whole(impl, sockdir):
+    """A reply to another request, or an error, is the record for the caller to match."""
+    with machipc.Server("org.test.call", directory=sockdir, impl=impl) as srv:
+        with machipc.Client("org.test.call", directory=sockdir, impl=impl) as cli:
+            def serve():
+                srv.receive(timeout=10).reply(b"to five")
+                srv.receive(timeout=10).fail("no")
+            t = threading.Thread(target=serve)
+            t.start()
+            cli._conn.send(machipc.wire.Kind.REQUEST, 5, b"first", 10.0)
+            late = cli._conn.call(7, b"second", 10.0)
+            error = cli._conn.recv(10.0)
+            t.join(10)
+    assert late.status == machipc.wire.Drop.OK and late.kind == machipc.wire.Kind.REPLY
+    assert late.request_id == 5 and late.payload == b"to five"
+    assert error.status == machipc.wire.Drop.OK and error.kind == machipc.wire.Kind.ERROR and error.request_id == 7
 
 
 def test_server_and_client_never_ask_for_the_platform():
