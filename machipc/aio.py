@@ -216,7 +216,9 @@ class Server:
             self._loop.remove_reader(self._fd)
 
     def _pull(self, limit: int, settle: int = 1) -> int:
-        """Move up to ``limit`` packets' admitted messages from the transport to the queue.
+        """Move admitted messages from the transport to the queue until ``limit`` are taken
+        (a packet refused or dropped counts as one; a BATCH packet's messages all go, so
+        the queue may pass ``max_queue`` by one packet's worth); returns how many.
 
         Stops after ``settle`` empty polls in a row (the reader callback needs one:
         the fd is level-triggered; draining uses two, as a stray ``wakeup()`` can
@@ -235,12 +237,14 @@ class Server:
                     break
                 continue
             empty = 0
-            taken += 1
             msg = srv._admit(got)
-            if msg.__class__ is list:  # a BATCH packet's messages (may go past max_queue by one packet's worth)
+            if msg.__class__ is list:  # a BATCH packet: each of its messages counts
                 self._queue.extend(msg)
-            elif msg is not None:
-                self._queue.append(msg)
+                taken += max(len(msg), 1)
+            else:
+                if msg is not None:
+                    self._queue.append(msg)
+                taken += 1
             del got
         return taken
 

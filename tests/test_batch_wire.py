@@ -174,9 +174,11 @@ def _connected(srv, cli) -> None:
     assert cli.server_limits.features & wire.FEATURE_BATCH
 
 
-def test_send_many_items_come_out_one_message_each_in_order(impl, sockdir, serve, client):
+@pytest.mark.parametrize("serve_kw", [None, {"workers": 2, "ordered": True}], ids=["serve", "ordered-workers"])
+def test_send_many_items_come_out_one_message_each_in_order(impl, sockdir, serve, client, serve_kw):
     got = []
-    srv = serve(lambda m: (got.append((bytes(m.data), m.sender.pid, m.expects_reply)) if not m.expects_reply else b"ok"))
+    srv = serve(lambda m: (got.append((bytes(m.data), m.sender.pid, m.expects_reply)) if not m.expects_reply else b"ok"),
+                serve_kw=serve_kw)
     cli = client()
     _connected(srv, cli)
     items = [b"%d" % i for i in range(500)] + [b"y" * wire.INLINE_MAX] + [b"z" * 1000] * 100
