@@ -28,7 +28,9 @@ class Received:
     * ``kind``, ``flags``, ``request_id``: the header's (0 when there was none).
     * ``payload``: ``bytes`` for an inline payload, a
       :class:`machipc.payload.Untaken` for a server's large one, a
-      ``memoryview`` for a client's large one; ``b""`` when dropped.
+      ``memoryview`` for a client's large one, a ``Batch`` (``len()`` messages,
+      ``items()`` their payloads) for a server's BATCH packet (docs/protocol.md
+      §5.4); ``b""`` when dropped.
     * ``pid``, ``uid``, ``gid``: the kernel's credentials of the sender
       (``SCM_CREDENTIALS`` on Linux, the audit trailer on macOS); 0 if none.
     * ``pidfd`` (Linux): a pidfd of the sender that the caller now owns
