@@ -580,6 +580,13 @@ def _section(text: str, number: int) -> str:
     return text.split(f"\n## {number} ", 1)[1].split("\n## ", 1)[0]
 
 
+def test_the_spec_has_its_sections_in_order():
+    """The contents line's sections 1-14 are all there, once each, in order (§5's subsections too)."""
+    text = _spec()
+    assert re.findall(r"^## (\d+) ", text, re.M) == [str(n) for n in range(1, 15)]
+    assert re.findall(r"^### (5\.\d) ", text, re.M) == ["5.1", "5.2", "5.3", "5.4"]
+
+
 def test_the_spec_names_every_drop_reason_error_code_kind_and_counter():
     text = _spec()
     outcomes = _section(text, 7)
