@@ -111,10 +111,6 @@ class Arena:
         self.head = end
         return offset, end
 
-    def write(self, offset: int, data) -> None:
-        data = memoryview(data).cast("B")  # any buffer, counted in bytes
-        self.view[CONTROL + offset : CONTROL + offset + len(data)] = data
-
     def close(self) -> None:
         self.view.release()
         self._map.close()
@@ -250,7 +246,7 @@ class ArenaSender:
                 self.arena = arena
                 self.made += 1
             offset, end = arena.reserve(size, deadline)
-            arena.write(offset, data)
+            conn.copy_into(arena.view, CONTROL + offset, data)  # the transport's copy
             body = REF.pack(arena.id, 0, offset, end)
             # Attach the fd until a release shows the receiver has mapped the arena: an
             # announcement it dropped (fd limit, a refused packet) must not strand the ring.

@@ -511,6 +511,15 @@ class Conn:
             arena.release_ref(self.arenas, ref)
         return Drop.OK, memoryview(payload)
 
+    def copy_into(self, dst, offset: int, src) -> None:
+        """Copy the bytes of buffer ``src`` into writable buffer ``dst`` from byte ``offset``
+        on (the sender's copy into an arena region); ValueError if they do not fit."""
+        src = memoryview(src).cast("B")  # any buffer, counted in bytes
+        dst = memoryview(dst)
+        if offset < 0 or offset + src.nbytes > dst.nbytes:
+            raise ValueError(f"copy_into: {src.nbytes} bytes at {offset} do not fit in {dst.nbytes}")
+        dst[offset : offset + src.nbytes] = src
+
     def _hello(self, max_payload: int) -> None:
         """Server side, at accept: send HELLO, the first packet on every connection. Never
         waits (a fresh socket's queue is empty); a client already gone is noticed later."""

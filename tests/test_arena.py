@@ -161,3 +161,23 @@ def test_a_region_that_needs_the_skipped_tail_fits_once_the_ring_is_empty(impl, 
         cli.send(b"b" * (6 * MiB), timeout=10)
         assert srv.receive(timeout=10).data == b"b" * (6 * MiB)
         assert cli._arenas.made == 1  # the same ring, reused
+
+
+@pytest.mark.parametrize("size", [1, 100, 5 * MiB + 7])  # 5 MiB: the streaming copy, with a ragged head and tail
+def test_copy_into_writes_exactly_the_bytes_at_the_offset(impl, size):
+    from machipc import _backend
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = _backend.transport(impl).Conn(b, False, False)
+    try:
+        src = array.array("H", os.urandom(size + size % 2))  # any buffer, copied as bytes
+        dst = bytearray(b"\xee" * (src.itemsize * len(src) + 40))
+        conn.copy_into(dst, 3, src)
+        n = src.itemsize * len(src)
+        assert dst[:3] == b"\xee" * 3 and dst[3 : 3 + n] == src.tobytes() and dst[3 + n :] == b"\xee" * 37
+        for offset in (-1, 41):
+            with pytest.raises(ValueError):
+                conn.copy_into(dst, offset, src)
+    finally:
+        conn.close()
+        a.close()

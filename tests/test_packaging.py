@@ -46,7 +46,7 @@ def built(tmp_path_factory):
 def test_sdist_contents(built):
     names = tarfile.open(built[0]).getnames()
     top = names[0].split("/")[0]
-    for needed in ("LICENSE", "README.md", "machipc/_mach_layout.h", "machipc/_unix.pyx", "docs/protocol.md", "policies/__init__.py"):
+    for needed in ("LICENSE", "README.md", "machipc/_mach_layout.h", "machipc/_stream_copy.h", "machipc/_unix.pyx", "docs/protocol.md", "policies/__init__.py"):
         assert f"{top}/{needed}" in names, needed
     assert not [n for n in names if n.endswith((".c", ".so"))]
 
