@@ -268,7 +268,7 @@ cdef int _check_header(const uint8_t *p, ssize_t n, bint server_side, Packet *pk
 
 
 cdef Py_ssize_t _batch_count(const uint8_t *p, Py_ssize_t n) noexcept nogil:
-    """Items in a BATCH body of ``n`` bytes, 0 when it is malformed (wire.split_batch's rules:
+    """Items in a BATCH body of ``n`` bytes, 0 when it is malformed (wire.batch_count's rules:
     one or more ``u32 LE length | bytes`` back to back, nothing cut short, nothing after)."""
     cdef Py_ssize_t at = 0, count = 0
     cdef uint32_t size

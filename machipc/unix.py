@@ -65,6 +65,7 @@ from .wire import (
     Flag,
     Kind,
     Limits,
+    batch_count,
     batch_room,
     check_header,
     pack_batch,
@@ -481,8 +482,8 @@ class Conn:
         elif flags & Flag.PAYLOAD_FD:
             return Drop.BAD_PAYLOAD_FD, b""  # the flag promised an fd that did not come
         if flags & Flag.BATCH:
-            items = split_batch(inline)
-            return (Drop.BAD_BATCH, b"") if items is None else (Drop.OK, Batch(items))
+            count = batch_count(inline)
+            return (Drop.OK, Batch(inline, count)) if count else (Drop.BAD_BATCH, b"")
         if not flags & (Flag.ARENA | Flag.PAYLOAD_FD):
             return Drop.OK, inline
         untaken = Untaken(self, flags, header.length, fd, data[HEADER_SIZE:] if flags & Flag.ARENA else None)
@@ -563,21 +564,23 @@ def _gone(sock: socket.socket) -> bool:
 class Batch:
     """The payload a BATCH packet is handed up as: its one-way messages, one sender.
 
-    ``len(batch)`` is the number of messages; ``items()`` the list of their
-    payloads (bytes, in order). The Cython twin splits the body only when
-    ``items()`` is called, so a sender the policy refuses costs no per-item work.
+    ``len(batch)`` is the number of messages (counted when the packet was
+    checked); ``items()`` splits the body into their payloads (a list of
+    bytes, in order) only when called, so a sender the policy refuses costs no
+    per-item copies.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_body", "_count")
 
-    def __init__(self, items: list) -> None:
-        self._items = items
+    def __init__(self, body: bytes, count: int) -> None:
+        self._body = body
+        self._count = count
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def items(self) -> list:
-        return self._items
+        return split_batch(self._body)
 
 
 def _batches(payloads: list, start: int, end: int, room: int):

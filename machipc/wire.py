@@ -241,30 +241,45 @@ BATCH_ITEM = struct.Struct("<I")
 BATCH_ITEM_SIZE = BATCH_ITEM.size  # 4
 
 
-def split_batch(body) -> Optional[list[bytes]]:
-    """The items of a BATCH packet's body, in order; None when the body is malformed.
+def batch_count(body) -> int:
+    """How many items a BATCH packet's body holds; 0 when it is malformed.
 
     ``body`` (bytes-like, at most INLINE_MAX bytes) must be one or more items
     ``u32 length | length bytes``, back to back with nothing after the last:
     an empty body, a length prefix cut short, or an item running past the end
     is malformed (the receiver drops the whole packet as Drop.BAD_BATCH).
-    Items may be empty. The Cython transport has the same decoder in C
-    (``_unix.split_batch``); tests/test_batch_wire.py checks they agree.
+    Items may be empty. Walks the prefixes only, copying nothing. The Cython
+    transport has the same rules in C (``_batch_count``); tests/test_batch_wire.py
+    checks that both agree.
     """
     view = memoryview(body).cast("B")
     end = len(view)
-    items: list[bytes] = []
-    at = 0
+    at = count = 0
     while at < end:
         if end - at < BATCH_ITEM_SIZE:
-            return None
+            return 0
+        at += BATCH_ITEM_SIZE + BATCH_ITEM.unpack_from(view, at)[0]
+        if at > end:
+            return 0
+        count += 1
+    return count
+
+
+def split_batch(body) -> Optional[list[bytes]]:
+    """The items of a BATCH packet's body (bytes each, in order); None when it is
+    malformed (see :func:`batch_count`). ``_unix.split_batch`` is its C twin."""
+    count = batch_count(body)
+    if not count:
+        return None
+    view = memoryview(body).cast("B")
+    items: list[bytes] = []
+    at = 0
+    for _ in range(count):
         (size,) = BATCH_ITEM.unpack_from(view, at)
         at += BATCH_ITEM_SIZE
-        if size > end - at:
-            return None
         items.append(bytes(view[at : at + size]))
         at += size
-    return items or None
+    return items
 
 
 def pack_batch(items) -> bytes:

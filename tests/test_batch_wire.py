@@ -79,6 +79,7 @@ def test_both_decoders_agree_on_any_bytes(body):
     results = {impl: split(body) for impl, split in DECODERS.items()}
     assert len({repr(r) for r in results.values()}) == 1, results
     got = results["py"]
+    assert wire.batch_count(body) == (0 if got is None else len(got))
     if got is not None:
         assert encode(got) == body  # what decodes is exactly a whole sequence of items
 
