@@ -463,6 +463,62 @@ def test_idle_connections_of_one_uid_are_capped(impl, sockdir):
         server.close()
 
 
+# -- (c2) batches: one decision per packet, never split for a refused sender ------------
+
+BATCHES = r"""
+conns = int(sys.argv[2])
+largest = struct.pack("<I", 0) * 16384  # 16,384 empty items: the most one 65,536-byte body holds
+malformed = struct.pack("<I", 0) * 16383 + b"\x01\x00"  # the same, its last prefix cut short
+for c in range(conns):
+    s = connect()
+    sent = 0
+    try:
+        for i in range(4):
+            send(s, header(MESSAGE, 0, len(malformed), 4) + malformed)  # BATCH = flag bit 2
+        for i in range(40):
+            send(s, header(MESSAGE, 0, len(largest), 4) + largest)
+            sent += 1
+    except OSError as exc:
+        say("conn", c, "sent", sent, "then", exc.__class__.__name__)
+    else:
+        say("conn", c, "sent", sent, "then", answer(s))
+    s.close()
+say("done")
+sys.stdin.readline()
+"""
+
+
+def test_a_refused_senders_batches_are_counted_per_item_and_hung_up_on_per_packet(impl, sockdir):
+    """The largest batches (16,384 messages a packet) from uid 65534: each packet is one decision
+    and one of max_rejections (16), each message one in ``rejected``; malformed ones are dropped
+    whole; the server keeps serving."""
+    server = ServerProcess(sockdir, impl)
+    attacker = None
+    try:
+        attacker = attack(server, BATCHES, "3")
+        lines = read_until(attacker, "done")
+        asked = []  # the trusted stats requests: all the server may have received
+
+        def stats() -> dict:
+            asked.append(1)
+            return server.stats()
+
+        settled = wait_for(lambda: stats()["disconnected"].get("rejected", 0) == 3)
+        report("batches", server, attacker_said=lines)
+        assert lines[-1] == "done", lines
+        assert settled and server.alive()
+        figures = stats()
+        assert figures["rejected"] == 3 * 16 * 16384  # 16 packets a connection, then hung up on
+        assert figures["dropped"].get("BAD_BATCH", 0) == 3 * 4
+        assert figures["received"] == len(asked)  # nothing of the attacker's
+        assert server.trusted_request() == b"ok:5"
+    finally:
+        if attacker is not None:
+            attacker.kill()
+            attacker.wait()
+        server.close()
+
+
 # -- (d) hugetlbfs arenas and payloads ---------------------------------------------
 
 HUGE_ARENA = r"""
