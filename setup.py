@@ -20,6 +20,7 @@ def extensions():
     exts = []
     if sys.platform.startswith("linux"):
         exts.append(Extension("machipc._unix", ["machipc/_unix.pyx"]))
+        exts.append(Extension("machipc._message", ["machipc/_message.pyx"]))
     if sys.platform == "darwin" and os.path.exists("machipc/_mach.pyx"):
         exts.append(Extension("machipc._mach", ["machipc/_mach.pyx"]))
     return cythonize(

@@ -23,6 +23,7 @@ from posix.stat cimport fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec, timeval
 from posix.unistd cimport close, read, write
 
+from ._message cimport Message as CMessage
 from ._posix cimport *
 
 cdef extern from "_stream_copy.h" nogil:
@@ -40,6 +41,15 @@ from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 
 IMPLEMENTATION = "c"
+#: The Message type this transport's fast path builds (the server builds the same for the rest).
+Message = CMessage
+
+# Cached admissions (Conn.cache_admission): what a connection's packets from its
+# last sender get without asking the server.
+DEF ADMIT_NONE = 0
+DEF ADMIT_ALLOWED = 1
+DEF ADMIT_REJECTED = 2
+cdef object _COUNTED = object()  # a packet the fast path rejected and counted
 
 # Exported so tests can check they equal machipc.wire's.
 CONSTANTS = {
@@ -591,6 +601,13 @@ cdef class Conn:
     cdef public object budget
     cdef public object account
     cdef public long long peer_uid
+    # Server side: the cached admission of the connection's last sender (cache_admission).
+    cdef int admit_mode
+    cdef object admit_peer
+    cdef object admit_decision
+    cdef unsigned long long admit_epoch
+    cdef long long reject_budget
+    cdef unsigned long long fast_rejected  # counted by the fast path, not yet taken (take_rejected)
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -877,7 +894,7 @@ cdef class Conn:
                 return
             _send_failed(err, deadline, timeout, f"send of {size} bytes")
 
-    cdef Received _result(self, Packet *pk, const uint8_t *buf):
+    cdef Received _result(self, Packet *pk, const uint8_t *buf, bint identified=False):
         cdef object payload = b""
         cdef Batch batch
         if pk.ndeferred:
@@ -909,11 +926,86 @@ cdef class Conn:
             # (Untaken) is released when it is taken or discarded.
             arena_release_ref(self.arenas, PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE))
         if pk.status == DROP_OK and self.server_side:
-            self._identify(pk)
+            if not identified:
+                self._identify(pk)
         elif pk.status != DROP_OK and pk.pidfd >= 0:
             close(pk.pidfd)
             pk.pidfd = -1
         return _received(pk.status, self, pk.kind, pk.flags, pk.request_id, payload, pk.pid, pk.uid, pk.gid, pk.pidfd)
+
+    def cache_admission(self, peer, decision, bint allowed, unsigned long long epoch, long long reject_budget=-1):
+        """Server side: what later packets of ``peer``'s process on this connection get
+        (see unix.Conn.cache_admission, the twin's docstring)."""
+        self.admit_mode = ADMIT_NONE if peer is None else (ADMIT_ALLOWED if allowed else ADMIT_REJECTED)
+        self.admit_peer = peer
+        self.admit_decision = decision
+        self.admit_epoch = epoch
+        self.reject_budget = reject_budget
+
+    cdef object _next_packet(self, ServerTransport st):
+        """Server side: the next packet queued on this connection: None (nothing queued),
+        what its cached admission makes of it (_admitted), or a Received for the server."""
+        cdef Packet pk
+        cdef int rc
+        if self.fd < 0:
+            return _received(DROP_CLOSED, self)
+        with nogil:
+            rc = _recv_packet(self.fd, st.buf, st.cbuf, True, &pk)
+        if rc == 0:
+            return None
+        if rc < 0:
+            raise error_from_errno(errno, "recv")
+        if self.admit_mode == ADMIT_NONE or pk.status != DROP_OK or pk.ndeferred:
+            return self._result(&pk, st.buf)
+        self._identify(&pk)
+        got = self._admitted(st, &pk, st.buf)
+        return got if got is not None else self._result(&pk, st.buf, True)
+
+    cdef object _admitted(self, ServerTransport st, Packet *pk, const uint8_t *buf):
+        """A valid packet's fate under the cached admission: a Message (or a BATCH packet's
+        list of them), _COUNTED (rejected and counted), or None: the server must see it."""
+        cdef Py_ssize_t n = pk.size - HEADER_SIZE
+        if pk.pidfd != SAME_PEER or self.admit_epoch != st.epoch:
+            return None
+        if self.admit_mode == ADMIT_REJECTED:
+            # A request is answered by the server, an arena region released there.
+            if pk.kind == KIND_REQUEST or pk.flags & FLAG_ARENA or self.reject_budget == 0:
+                return None
+            if pk.fd >= 0:  # the one memfd a PAYLOAD_FD packet carries, never mapped: its close cannot block
+                close(pk.fd)
+                pk.fd = -1
+            if self.reject_budget > 0:
+                self.reject_budget -= 1
+            if self.fast_rejected == 0:
+                st.rejected_conns.append(self)
+            n = pk.items if pk.flags & FLAG_BATCH else 1
+            self.fast_rejected += n
+            st.rejected_pending += n
+            return _COUNTED
+        peer = self.admit_peer
+        # Large payloads are taken by the server; a read exe or cgroup is re-checked there per packet.
+        if pk.flags & (FLAG_ARENA | FLAG_PAYLOAD_FD) or peer._exe_id is not None or peer._cgroup is not None:
+            return None
+        if pk.flags & FLAG_BATCH:
+            if st.max_payload < INLINE_MAX:  # an item may be over max_size: the server drops those
+                return None
+            return [self._message(st, data, 0) for data in _split_batch(buf + HEADER_SIZE, pk.items)]
+        if <unsigned long long>n > st.max_payload:
+            return None
+        return self._message(st, PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, n),
+                             pk.request_id if pk.kind == KIND_REQUEST else 0)
+
+    cdef inline CMessage _message(self, ServerTransport st, data, unsigned long long request_id):
+        cdef CMessage msg = CMessage.__new__(CMessage)
+        msg.data = data
+        msg.sender = self.admit_peer
+        msg.request_id = request_id
+        msg.decision = self.admit_decision
+        msg._conn = self
+        msg._reply_timeout = st.reply_max_age
+        msg._answered = False
+        msg._limit = st.max_payload
+        return msg
 
     def take(self, untaken):
         """Map (sealed memfd) or copy out (arena region) an untaken payload of this
@@ -1216,6 +1308,11 @@ cdef class ServerTransport:
     cdef public object budget
     #: Per-uid caps checked at accept (Server sets them).
     cdef public object limits
+    #: Server bumps it to void every connection's cached admission (cache_admission).
+    cdef public unsigned long long epoch
+    #: Packets the cached admissions rejected and counted, not yet taken (take_rejected).
+    cdef readonly unsigned long long rejected_pending
+    cdef list rejected_conns
     cdef object refused   # deque of connections refused at accept, reported by recv
     cdef int listen_fd
     cdef int epfd
@@ -1249,6 +1346,7 @@ cdef class ServerTransport:
         self.ready = deque()
         self.limits = ConnLimits()
         self.refused = deque()
+        self.rejected_conns = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.epfd < 0 or self.wakefd < 0:
@@ -1276,7 +1374,9 @@ cdef class ServerTransport:
         return self.epfd
 
     def recv(self, timeout):
-        """Next packet or connection event from any client (see unix.ServerTransport.recv).
+        """Next packet or connection event from any client (see unix.ServerTransport.recv):
+        a Received, or what a connection's cached admission let through (a Message, or a
+        BATCH packet's list of them).
 
         None when ``timeout`` passed or ``wakeup()`` was called.
         """
@@ -1292,18 +1392,21 @@ cdef class ServerTransport:
                 return self.refused.popleft()
             while self.ready and self.burst < 64:
                 conn = self.ready[0]
-                got = conn._recv_nowait(self.buf, self.cbuf)
+                got = conn._next_packet(self)
                 if got is None:
                     self.ready.popleft()
                     continue
                 self.ready.rotate(-1)  # one packet per connection per turn: fairness
                 self.burst += 1
-                if (<Received>got).status == DROP_CLOSED:
+                if got is _COUNTED:
+                    continue
+                if got.__class__ is Received and (<Received>got).status == DROP_CLOSED:
                     self._drop(conn)
                 return got
             # Re-poll even while connections stay ready: a flooding client must
             # not starve new connections and quieter clients.
             self.burst = 0
+            PyErr_CheckSignals()  # counted rejections may keep us here: let signal handlers run
             ms = 0 if self.ready else _ms_left(deadline)
             if self.accept_paused_until != 0:
                 if _now() >= self.accept_paused_until:
@@ -1417,6 +1520,19 @@ cdef class ServerTransport:
         if conn.outbox is not None:
             conn.outbox.close()
         self._resume_accept()  # a connection went: its fds may soon be free
+
+    def take_rejected(self):
+        """What the cached admissions rejected since the last call: ``[(conn id, uid, count)]``
+        (uid: the rejected sender's), and the counts start again from 0."""
+        cdef Conn conn
+        out = []
+        for conn in self.rejected_conns:
+            if conn.fast_rejected:
+                out.append((conn.id, conn.admit_peer.uid if conn.admit_peer is not None else conn.peer_uid, conn.fast_rejected))
+                conn.fast_rejected = 0
+        self.rejected_conns = []
+        self.rejected_pending = 0
+        return out
 
     def waiting_conns(self):
         """Connections with replies waiting in their outbox (for a graceful stop)."""

@@ -234,7 +234,15 @@ def _check_in_once(m, name: str) -> int:
 
 
 class ServerTransport:
-    """Receives every machipc message sent to a checked-in service name."""
+    """Receives every machipc message sent to a checked-in service name.
+
+    Every message carries its own audit token and so is judged by the server:
+    there are no connections to cache an admission on (machipc.transport).
+    """
+
+    #: What Server bumps to void cached admissions, and what they counted: none here.
+    epoch = 0
+    rejected_pending = 0
 
     def __init__(self, name: str, *, queue_limit: int = MACH_PORT_QLIMIT_MAX) -> None:
         m = _need_mach()
@@ -303,6 +311,10 @@ class ServerTransport:
     def disconnect(self, conn) -> None:
         """Drop ``conn``'s reply right (the client sees its request fail)."""
         conn.close()
+
+    def take_rejected(self) -> list:
+        """Packets rejected without the server: none (see the class doc)."""
+        return []
 
     def wakeup(self) -> None:
         """Make a blocked ``recv`` return None soon (safe from any thread or signal handler)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta
 from typing import TYPE_CHECKING, Optional
 
 from . import payload
@@ -16,7 +17,7 @@ __all__ = ["Message"]
 _REPLY = int(Kind.REPLY)  # a plain int: the enum attribute lookup costs more than the send's checks
 
 
-class Message:
+class Message(metaclass=ABCMeta):
     """A message the server's policy allowed.
 
     ``data`` is the payload: ``bytes`` when it travelled inline, a read-only
@@ -24,6 +25,10 @@ class Message:
     goes when the last reference does). ``sender`` is the kernel-reported
     :class:`~machipc.Peer`. Requests must be answered once with :meth:`reply`
     (``Server.serve`` does that with the handler's return value).
+
+    This is the pure-Python twin; the Cython transport hands out
+    ``machipc._message.Message``, an extension type with the same fields and
+    methods, registered as a virtual subclass so ``isinstance`` holds for both.
     """
 
     __slots__ = ("data", "sender", "request_id", "decision", "_conn", "_reply_timeout", "_answered", "_limit")

@@ -70,14 +70,7 @@ class RateLimitedLog:
         now = self._clock()
         with self._lock:
             summaries = self._expire(now)
-            key = (uid, reason)
-            window = self._windows.get(key)
-            if window is None:
-                if len(self._windows) >= self.max_keys:
-                    key = (_ANY_UID, reason)
-                    window = self._windows.get(key)
-                if window is None:
-                    window = self._windows[key] = _Window(now, level)
+            window = self._window(now, uid, reason, level)
             write = window.logged < self.burst
             if write:
                 window.logged += 1
@@ -89,6 +82,16 @@ class RateLimitedLog:
             self.logger.log(level, fmt, *args)
         return write
 
+    def count(self, uid: int, reason: str, n: int, level: int = logging.WARNING) -> None:
+        """Fold ``n`` events of ``(uid, reason)`` that were counted, not logged, into its
+        next summary line (e.g. rejected packets the transport dropped by itself)."""
+        now = self._clock()
+        with self._lock:
+            summaries = self._expire(now)
+            self._window(now, uid, reason, level).suppressed += n
+        for args_ in summaries:
+            self.logger.log(*args_)
+
     def warning(self, uid: int, reason: str, fmt: str, *args) -> bool:
         return self.log(logging.WARNING, uid, reason, fmt, *args)
 
@@ -99,6 +102,18 @@ class RateLimitedLog:
             self._windows.clear()
         for args_ in summaries:
             self.logger.log(*args_)
+
+    def _window(self, now: float, uid: int, reason: str, level: int) -> _Window:
+        """The current window of ``(uid, reason)`` (the overflow one when the table is full)."""
+        key = (uid, reason)
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= self.max_keys:
+                key = (_ANY_UID, reason)
+                window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = _Window(now, level)
+        return window
 
     def _expire(self, now: float) -> list:
         """Drop the windows older than ``interval``; the summaries to write for them."""

@@ -196,7 +196,7 @@ class Server:
             reply_queue_bytes = max(outbox.REPLY_QUEUE_BYTES, 2 * max_size)
         self.reply_queue_bytes = int_arg(reply_queue_bytes, "reply_queue_bytes")
         self.offenders = cooldown.Cooldown(int_arg(offender_strikes, "offender_strikes", 1), timeout_arg(offender_cooldown, "offender_cooldown") or 0.0)
-        self.stats = ServerStats()
+        self._stats = ServerStats()
         #: Rejection and drop warnings, at most a few per (uid, reason) every 10 s (machipc.ratelog).
         self.rate_log = RateLimitedLog(log)
         self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
@@ -210,6 +210,7 @@ class Server:
         self._receiver: Optional[int] = None  # thread ident inside receive()
         self._backend = transport.backend(impl)  #: the transport (machipc.transport), chosen there
         self.implementation: str = self._backend.implementation
+        self._message_type = self._backend.message_type  # built by the transport's fast path too
         opened = self._backend.open_server(
             name, directory=directory, mode=mode, backlog=backlog, listener=listener,
             max_size=max_size, reply_queue_bytes=reply_queue_bytes, reply_timeout=reply_timeout,
@@ -237,6 +238,12 @@ class Server:
         return cls(name, policy, listener=listener, **kwargs)
 
     # -- receiving -----------------------------------------------------------
+
+    @property
+    def stats(self) -> ServerStats:
+        """Counters of what the server saw (:class:`ServerStats`), up to date."""
+        self._take_rejected()
+        return self._stats
 
     @property
     def connections(self) -> int:
@@ -309,7 +316,7 @@ class Server:
                         if deadline is not None and remaining(deadline) == 0.0:
                             raise IPCTimeoutError(f"no message within {timeout} s")
                         continue
-                    msg = self._admit(got)
+                    msg = self._take(got)
                     del got  # holds a closed connection's Conn (and so its fd) while we block
                     if msg.__class__ is list:  # a BATCH packet's messages: what does not fit waits
                         room = max_count - len(batch)
@@ -331,8 +338,20 @@ class Server:
                             return batch
             finally:
                 self._receiver = None
+                if self._transport is not None and self._transport.rejected_pending:
+                    self._take_rejected()
                 if self._closed:
                     self._teardown()
+
+    def _take(self, got) -> "Message | list[Message] | None":
+        """What becomes of one thing ``transport.recv`` handed up: a message, a BATCH packet's
+        list of messages, or None (refused or dropped, counted and logged)."""
+        cls = got.__class__
+        if cls is self._message_type or cls is list:
+            # Let through by its connection's cached admission (see _cache_admission).
+            self._stats.received += 1 if cls is not list else len(got)
+            return got
+        return self._admit(got)
 
     def _admit(self, got: Received) -> "Message | list[Message] | None":
         """The message of one received packet (None: refused or dropped, counted and logged),
@@ -348,7 +367,7 @@ class Server:
         if self.offenders.refused(uid):  # a repeat offender in its cool-down: no service at all
             if payload.__class__ is Untaken:
                 payload.discard()
-            self.stats.cooled_down += 1
+            self._stats.cooled_down += 1
             self.rate_log.warning(uid, "cooled down", "disconnected pid %d uid %d: its uid is in a cool-down", pid, uid)
             _hang_up(conn)
             return None
@@ -358,12 +377,15 @@ class Server:
             if self.enforce:
                 if payload.__class__ is Untaken:
                     payload.discard()  # closed unmapped; no arena is mapped for this sender
-                self._reject(conn, kind, request_id, pid, uid, peer, decision, len(payload) if flags & _BATCH else 1)
+                logged = self._reject(conn, kind, request_id, pid, uid, peer, decision, len(payload) if flags & _BATCH else 1)
+                # Counted by the transport alone once the rate-limited log has its lines.
+                self._cache_admission(conn, peer, decision, not logged)
                 return None
-            self.stats.would_reject += len(payload) if flags & _BATCH else 1
+            self._stats.would_reject += len(payload) if flags & _BATCH else 1
             self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, printable(decision.reason))
         elif conn.id not in self._allowed:
             self._allowed.add(conn.id)
+        self._cache_admission(conn, peer, decision)
         if payload.__class__ is Untaken:
             status, payload = payload.take()
             if status != _OK:
@@ -372,13 +394,13 @@ class Server:
         elif flags & _BATCH:
             return self._unbatch(payload, peer, decision, conn, pid, uid)
         elif len(payload) > self.max_size:
-            self.stats.too_large += 1
+            self._stats.too_large += 1
             self.rate_log.warning(uid, "too large", "dropped %d-byte message from pid %d uid %d: over max_size %d", len(payload), pid, uid, self.max_size)
             if kind == _REQUEST:
                 self._answer_error(conn, request_id, ErrorCode.TOO_LARGE, f"over the server's limit of {self.max_size} bytes")
             return None
-        self.stats.received += 1
-        return Message(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision, self.max_size)
+        self._stats.received += 1
+        return self._message_type(payload, peer, request_id if kind == _REQUEST else 0, conn, self.reply_timeout, decision, self.max_size)
 
     def _unbatch(self, batch, peer: Peer, decision: Decision, conn, pid: int, uid: int) -> list[Message]:
         """The messages of an allowed BATCH packet (the transport's Batch: ``len()`` items,
@@ -388,22 +410,61 @@ class Server:
         items = batch.items()
         if limit < INLINE_MAX:  # (no item of a packet is larger than INLINE_MAX)
             items = [data for data in items if len(data) <= limit]
-        msgs = [Message(data, peer, 0, conn, timeout, decision, limit) for data in items]
+        make = self._message_type
+        msgs = [make(data, peer, 0, conn, timeout, decision, limit) for data in items]
         over = len(batch) - len(msgs)
         if over:
-            self.stats.too_large += over
+            self._stats.too_large += over
             self.rate_log.warning(uid, "too large", "dropped %d messages of a batch from pid %d uid %d: over max_size %d", over, pid, uid, limit)
-        self.stats.received += len(msgs)
+        self._stats.received += len(msgs)
         return msgs
 
-    def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision, items: int = 1) -> None:
+    def _cache_admission(self, conn, peer: Peer, decision: Decision, cacheable: bool = True) -> None:
+        """Let the transport deal with this sender's later packets on ``conn`` by itself
+        (``Conn.cache_admission``: allowed ones become Messages, rejected ones are counted)
+        when nothing the decision rests on can change between packets; else make it forget.
+
+        Not cached: volatile policies (exe, cgroup, label: re-read per packet), a Peer
+        whose exe or cgroup somebody read (re-checked per packet for an exec or a move),
+        an unknown decision, a sender that is not pinned, ``enforce=False``, and
+        what the caller says is not ``cacheable``.
+        ``epoch`` voids them all (a uid's cool-down starting: _cut_off)."""
+        cache = getattr(conn, "cache_admission", None)
+        if cache is None:  # Mach: every message brings its own audit token and is judged
+            return
+        transport = self._transport
+        self._take_rejected()  # the counts so far belong to the sender cached until now
+        entry = self._peers.get(conn.id)
+        if (not cacheable or entry is None or entry[0] is not peer or self._decisions.volatile or not decision.known
+                or peer._exe_id is not None or peer._cgroup is not None or not (decision.allowed or self.enforce)):
+            cache(None, None, False, 0)
+            return
+        budget = -1  # rejected packets it may count before the server must see one (max_rejections)
+        if not decision.allowed and self.max_rejections is not None and conn.id not in self._allowed:
+            budget = max(0, self.max_rejections - self._rejections.get(conn.id, 0) - 1)
+        cache(peer, decision, decision.allowed, transport.epoch, budget)
+
+    def _take_rejected(self) -> None:
+        """Count, and fold into the rate-limited log, what cached admissions rejected."""
+        transport = self._transport
+        if transport is None or not transport.rejected_pending:
+            return
+        for conn_id, uid, count in transport.take_rejected():
+            self._stats.rejected += count
+            self.rate_log.count(uid, "rejected", count)
+            if conn_id in self._rejections:
+                self._rejections[conn_id] += count
+
+    def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision, items: int = 1) -> bool:
         """Count and log a packet the policy refused (``items`` messages: a BATCH packet's
-        count); answer a request; hang up after ``max_rejections`` packets, none allowed."""
-        self.stats.rejected += items
+        count); answer a request; hang up after ``max_rejections`` packets, none allowed.
+        True if a log line was written (the rate-limited log had room for it)."""
+        self._take_rejected()  # (max_rejections counts those too)
+        self._stats.rejected += items
         # The reason is escaped only if the line is written (most are not: rate-limited).
-        self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, _Printable(decision.reason))
+        logged = self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, _Printable(decision.reason))
         if not decision.known:
-            self.stats.unknown += items
+            self._stats.unknown += items
         if kind == _REQUEST:
             self._answer_error(conn, request_id, ErrorCode.REJECTED, _rejection_text(peer, decision))
         if self.max_rejections is not None and conn.id not in self._allowed:
@@ -411,10 +472,11 @@ class Server:
             self._rejections[conn.id] = count
             if count >= self.max_rejections:
                 self._disconnect(conn, "rejected", f"{count} packets rejected, none allowed", uid)
+        return logged
 
     def _disconnect(self, conn, reason: str, why: str, uid: int) -> None:
         """Hang up on a connection (its fds close on the closer thread, see machipc._closer)."""
-        self.stats.disconnected[reason] += 1
+        self._stats.disconnected[reason] += 1
         self.rate_log.warning(uid, f"disconnected: {reason}", "disconnecting a client of uid %d: %s", uid, why)
         self._forget(conn)
         disconnect = getattr(self._transport, "disconnect", None)
@@ -478,10 +540,10 @@ class Server:
         code = DROP_ERROR.get(reason, ErrorCode.MALFORMED)
         version = VERSION
         if reason == Drop.OVERSIZE:  # a memfd or arena payload over max_size, refused before mapping
-            self.stats.too_large += 1
+            self._stats.too_large += 1
             text = f"over the server's limit of {self.max_size} bytes"
         else:
-            self.stats.dropped[reason.name] += 1
+            self._stats.dropped[reason.name] += 1
         if reason == Drop.BAD_VERSION:  # answered in a header every client version reads
             version, text = VERSION_ERROR_VERSION, f"{text}: this server speaks version {VERSION}"
         self.rate_log.warning(uid, f"dropped: {reason.name}", "dropped packet from pid %d uid %d: %s", pid, uid, text)
@@ -498,7 +560,7 @@ class Server:
         try:
             conn.send(Kind.ERROR, request_id, pack_error(code, text), 0, version)
         except Exception as exc:
-            self.stats.reply_errors += 1
+            self._stats.reply_errors += 1
             log.info("could not send error reply: %s", exc)
             if isinstance(exc, IPCTimeoutError):
                 _hang_up(conn)
@@ -642,7 +704,7 @@ class Server:
                         break
                     continue
                 empty = 0
-                msg = self._admit(got)
+                msg = self._take(got)
                 if msg.__class__ is list:
                     queued.extend(msg)
                 elif msg is not None:
@@ -694,7 +756,7 @@ class Server:
             self._cut_off(msg, exc)
             return
         except Exception as exc:
-            self.stats.handler_errors += 1
+            self._stats.handler_errors += 1
             log.exception("handler failed on %r", msg)
             if msg.expects_reply and not msg.answered:
                 self._answer(msg.fail, f"handler raised {type(exc).__name__}")
@@ -714,7 +776,7 @@ class Server:
         try:
             answer(arg)
         except MessageTooLarge as exc:
-            self.stats.handler_errors += 1
+            self._stats.handler_errors += 1
             log.warning("handler's reply is unsendable: %s", exc)
             if msg is not None:
                 self._answer(msg.fail, str(exc))
@@ -727,15 +789,17 @@ class Server:
 
     def _reply_failed(self, msg: Optional[Message], exc: Exception) -> None:
         """Count a reply that could not be delivered; log it (rate-limited per uid)."""
-        self.stats.reply_errors += 1
+        self._stats.reply_errors += 1
         uid = msg.sender.uid if msg is not None else -1
         self.rate_log.warning(uid, "reply failed", "could not answer request: %s", exc)
 
     def _cut_off(self, msg: Message, exc: UnreadReplies) -> None:
         """Disconnect the client of ``msg``, which left too many replies unread; count a strike on its uid."""
-        self.stats.unread_replies += 1
+        self._stats.unread_replies += 1
         uid = msg.sender.uid
         refused = self.offenders.strike(uid)
+        if refused and self._transport is not None:
+            self._transport.epoch += 1  # the uid's connections must now be refused: no cached admission holds
         self.rate_log.warning(
             uid, "unread replies", "disconnected pid %d uid %d: %s%s", msg.sender.pid, uid, exc,
             f"; uid {uid} refused for {self.offenders.cooldown:g} s" if refused else "",

@@ -32,6 +32,7 @@ from .connecting import open_service
 from .naming import service_path
 from .peer import Peer, pidfs_available
 from .policies import Policy
+from .message import Message
 from .received import Received
 
 __all__ = ["Conn", "ServerTransport", "Backend", "Connected", "Listening", "backend"]
@@ -64,13 +65,26 @@ class Conn(Protocol):
 
 @runtime_checkable
 class ServerTransport(Protocol):
-    """A server's side: accepts connections, hands up the next packet from any of them."""
+    """A server's side: accepts connections, hands up the next packet from any of them.
+
+    Cached admission (Linux): the server may tell a connection what later
+    packets of its last sender get (``Conn.cache_admission``, documented in
+    machipc/unix.py); ``recv`` then hands such packets up as ready Messages
+    (of the backend's ``message_type``), or counts rejected ones itself
+    (``rejected_pending``, ``take_rejected``). The server voids every cached
+    admission by bumping ``epoch``. The Mach transport caches nothing.
+    """
 
     connections: int  #: connected clients now
+    epoch: int  #: bumped by the server to void every cached admission
+    rejected_pending: int  #: rejected packets counted by cached admissions, not yet taken
 
-    def recv(self, timeout: Optional[float]) -> Optional[Received]:
-        """The next packet or connection end from any client (module doc); None after
-        ``timeout`` s or a ``wakeup()``."""
+    def recv(self, timeout: Optional[float]) -> "Optional[Received | Message | list[Message]]":
+        """The next packet or connection end from any client (module doc), or what a cached
+        admission let through; None after ``timeout`` s or a ``wakeup()``."""
+
+    def take_rejected(self) -> list[tuple[int, int, int]]:
+        """``[(conn id, uid, count)]`` rejected by cached admissions since the last call."""
 
     def wakeup(self) -> None:
         """Make a blocked ``recv`` return soon (safe from any thread or signal handler)."""
@@ -102,6 +116,7 @@ class Backend(Protocol):
     """Opens connections and listeners of one transport."""
 
     implementation: str  #: "c" or "py" (Linux), "mach" (macOS)
+    message_type: type  #: the Message class this transport's server hands out
 
     def open_client(self, name: str, *, directory: Optional[str], timeout: Optional[float],
                     connect_timeout: Optional[float], server_policy: Policy, explicit_policy: bool,
@@ -123,6 +138,7 @@ class _Unix:
     def __init__(self, module: ModuleType) -> None:
         self.module = module
         self.implementation: str = module.IMPLEMENTATION
+        self.message_type: type = module.Message
 
     def open_client(self, name, *, directory, timeout, connect_timeout, server_policy, explicit_policy, max_size) -> Connected:
         sock, path, peer = open_service(name, directory, connect_timeout, server_policy, explicit_policy)
@@ -162,6 +178,7 @@ class _Mach:
         from . import mach  # imports the Mach extension: only ever on macOS
 
         self.implementation: str = mach.IMPLEMENTATION
+        self.message_type: type = Message
 
     def open_client(self, name, *, directory, timeout, connect_timeout, server_policy, explicit_policy, max_size) -> Connected:
         from . import mach

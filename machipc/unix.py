@@ -51,6 +51,7 @@ from .budget import Account, ConnLimits
 from .outbox import REPLY_QUEUE_BYTES, Outbox
 from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
+from .message import Message as _Message
 from .received import SAME_PEER, Received
 from .wire import (
     ARENA_REF_SIZE,
@@ -77,6 +78,9 @@ from .wire import (
 __all__ = ["Conn", "ServerTransport", "SO_PASSPIDFD", "SCM_PIDFD", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "py"
+#: The Message type this transport's fast path builds (the server builds the same for the rest).
+Message = _Message
+_COUNTED = object()  # a packet a cached admission rejected and counted (ServerTransport.recv)
 
 SO_PASSPIDFD = 76
 SO_PEERPIDFD = 77
@@ -149,6 +153,13 @@ class Conn:
         self._peer_pidfd = -1
         self._peer_ino = 0
         self._pidfd_per_packet_on = False
+        # Server side: the cached admission of the connection's last sender (cache_admission).
+        self._admit_peer = None
+        self._admit_decision = None
+        self._admit_allowed = False
+        self._admit_epoch = 0
+        self._reject_budget = -1
+        self.fast_rejected = 0  # counted by the fast path, not yet taken (ServerTransport.take_rejected)
 
     def send(self, kind: int, request_id: int, payload: bytes, timeout: Optional[float], version: int = VERSION) -> None:
         """Send one packet, waiting up to ``timeout`` while the peer's queue is full
@@ -437,6 +448,60 @@ class Conn:
         self._last = ident
         return pidfd
 
+    def cache_admission(self, peer, decision, allowed: bool, epoch: int, reject_budget: int = -1) -> None:
+        """Server side: what later packets of ``peer``'s process on this connection get.
+
+        While the transport's ``epoch`` stays ``epoch``, a valid packet from the
+        same process as the last one (``SAME_PEER``) is, without the server:
+
+        * ``allowed``: made into a Message (``sender`` ``peer``, ``decision``)
+          when it is inline, within the transport's ``max_payload``, and nobody
+          has read ``peer``'s executable or cgroup (those are re-checked by the
+          server per packet, in case of an ``execve()`` or a move);
+        * not ``allowed``: counted and dropped (a memfd closed unmapped) when it
+          is one-way and not an arena packet, at most ``reject_budget`` times
+          (-1: no limit); the server takes the counts with ``take_rejected``.
+
+        Anything else goes to the server as a Received. ``peer`` None: forget it.
+        """
+        self._admit_peer = peer
+        self._admit_decision = decision
+        self._admit_allowed = allowed
+        self._admit_epoch = epoch
+        self._reject_budget = reject_budget
+
+    def _admitted(self, got: Received, st: "ServerTransport"):
+        """``got``'s fate under the cached admission: a Message (or a BATCH packet's list of
+        them), _COUNTED (rejected and counted), or None: the server must see it."""
+        if got.pidfd != SAME_PEER or self._admit_epoch != st.epoch:
+            return None
+        payload, flags = got.payload, got.flags
+        if not self._admit_allowed:
+            if got.kind == Kind.REQUEST or flags & Flag.ARENA or self._reject_budget == 0:
+                return None
+            if payload.__class__ is Untaken:
+                payload.discard()  # closed unmapped
+            if self._reject_budget > 0:
+                self._reject_budget -= 1
+            if not self.fast_rejected:
+                st._rejected_conns.append(self)
+            n = len(payload) if flags & Flag.BATCH else 1
+            self.fast_rejected += n
+            st.rejected_pending += n
+            return _COUNTED
+        peer = self._admit_peer
+        # Large payloads are taken by the server; a read exe or cgroup is re-checked there per packet.
+        if flags & (Flag.ARENA | Flag.PAYLOAD_FD) or peer._exe_id is not None or peer._cgroup is not None:
+            return None
+        limit, timeout, decision = st.max_payload, st.reply_max_age, self._admit_decision
+        if flags & Flag.BATCH:
+            if limit < INLINE_MAX:  # an item may be over max_size: the server drops those
+                return None
+            return [_Message(data, peer, 0, self, timeout, decision, limit) for data in payload.items()]
+        if len(payload) > limit:
+            return None
+        return _Message(payload, peer, got.request_id if got.kind == Kind.REQUEST else 0, self, timeout, decision, limit)
+
     def _pidfd_per_packet(self) -> None:
         self._pidfd_per_packet_on = True
         try:
@@ -638,6 +703,11 @@ class ServerTransport:
         self._conns: dict[int, Conn] = {}
         self._ready: deque[Conn] = deque()
         self._burst = 0  # packets served from _ready since the last epoll poll
+        #: Server bumps it to void every connection's cached admission (Conn.cache_admission).
+        self.epoch = 0
+        #: Packets the cached admissions rejected and counted, not yet taken (take_rejected).
+        self.rejected_pending = 0
+        self._rejected_conns: list[Conn] = []
 
     @property
     def connections(self) -> int:
@@ -648,7 +718,9 @@ class ServerTransport:
         return self._ep.fileno()
 
     def recv(self, timeout: Optional[float]) -> Optional[Received]:
-        """Next packet or connection event from any client.
+        """Next packet or connection event from any client: a Received, or what a
+        connection's cached admission let through (a Message, or a BATCH packet's list
+        of them; see Conn.cache_admission).
 
         None when ``timeout`` passed or ``wakeup()`` was called. A connection
         refused at accept comes as ``(Drop.CONN_LIMIT or Drop.CLOSE_BUDGET,
@@ -668,6 +740,12 @@ class ServerTransport:
                 self._burst += 1
                 if got.status == Drop.CLOSED:
                     self._drop(conn)
+                elif conn._admit_peer is not None and got.status == Drop.OK:
+                    fast = conn._admitted(got, self)
+                    if fast is _COUNTED:
+                        continue
+                    if fast is not None:
+                        return fast
                 return got
             # Re-poll even while connections stay ready: a flooding client must
             # not starve new connections and quieter clients.
@@ -769,6 +847,19 @@ class ServerTransport:
         if conn.outbox is not None:
             conn.outbox.close()
         self._resume_accept()  # a connection went: its fds may soon be free
+
+    def take_rejected(self) -> list[tuple[int, int, int]]:
+        """What the cached admissions rejected since the last call: ``[(conn id, uid, count)]``
+        (uid: the rejected sender's), and the counts start again from 0."""
+        out = []
+        for conn in self._rejected_conns:
+            if conn.fast_rejected:
+                uid = conn._admit_peer.uid if conn._admit_peer is not None else conn.peer_uid
+                out.append((conn.id, uid, conn.fast_rejected))
+                conn.fast_rejected = 0
+        self._rejected_conns = []
+        self.rejected_pending = 0
+        return out
 
     def waiting_conns(self) -> list:
         """Connections with replies waiting in their outbox (for a graceful stop)."""
