@@ -63,6 +63,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int accept4(int fd, void *addr, socklen_t *addrlen, int flags)
     int setsockopt(int fd, int level, int name, const void *val, socklen_t length)

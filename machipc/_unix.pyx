@@ -73,6 +73,7 @@ CONSTANTS = {
 DEF CMSG_BUF = 2048
 DEF MAX_RIGHTS = 256  # more fds than SCM_MAX_FD (253) fit in no control message
 DEF MAX_EVENTS = 64
+DEF RECV_BATCH = 16  # packets a server reads from one connection per recvmmsg
 DEF CMSG_FD_SPACE = 64  # >= CMSG_SPACE(sizeof(int)) on every ABI
 DEF SEND_BATCH = 64     # packets per sendmmsg call
 DEF ACCEPT_PAUSE = 0.1  # seconds the listener is left alone after accept ran out of fds
@@ -360,24 +361,8 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     Python handler before waiting again)."""
     cdef iovec iov
     cdef msghdr msg
-    cdef cmsghdr *c
     cdef ssize_t n
-    cdef int status = DROP_OK
-    cdef int hstatus
-    cdef bint creds = False
-    cdef int *fds
-    cdef size_t nfds, i
-    cdef size_t nrights = 0
-    cdef ucred cred
-    iov.iov_base = buf
-    iov.iov_len = PACKET_MAX
-    msg.msg_name = NULL
-    msg.msg_namelen = 0
-    msg.msg_iov = &iov
-    msg.msg_iovlen = 1
-    msg.msg_control = cbuf
-    msg.msg_controllen = CMSG_BUF
-    msg.msg_flags = 0
+    _packet_buffers(&msg, &iov, buf, cbuf)
     while True:
         n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC if wait else MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
         if n >= 0:
@@ -393,6 +378,56 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
             # of the packets it sent before leaving. Read on; EOF comes after them.
             continue
         return -1
+    _parse_packet(buf, n, &msg, server_side, pk)
+    return 1
+
+
+cdef inline void _packet_buffers(msghdr *msg, iovec *iov, uint8_t *buf, char *cbuf) noexcept nogil:
+    """Point ``msg`` at one packet's buffers (PACKET_MAX bytes, CMSG_BUF of control data)."""
+    iov.iov_base = buf
+    iov.iov_len = PACKET_MAX
+    msg.msg_name = NULL
+    msg.msg_namelen = 0
+    msg.msg_iov = iov
+    msg.msg_iovlen = 1
+    msg.msg_control = cbuf
+    msg.msg_controllen = CMSG_BUF
+    msg.msg_flags = 0
+
+
+cdef int _recv_batch(int fd, mmsghdr *vec, iovec *iov, uint8_t *bufs, char *cbufs, int count, Packet *pks) noexcept nogil:
+    """Server side: up to ``count`` queued packets in one non-blocking recvmmsg, parsed into
+    ``pks`` (packet i in ``bufs + i * PACKET_MAX``). Returns how many (0: nothing queued; an
+    EOF ends the batch as its last packet), or -1 (errno)."""
+    cdef int n, i
+    for i in range(count):
+        _packet_buffers(&vec[i].msg_hdr, &iov[i], bufs + i * PACKET_MAX, cbufs + i * CMSG_BUF)
+    while True:
+        n = recvmmsg(fd, vec, count, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL)
+        if n >= 0:
+            break
+        if errno == EINTR or errno == ECONNRESET or errno == EPIPE:
+            continue  # (ECONNRESET: as in _recv_packet)
+        return 0 if errno == EAGAIN else -1
+    for i in range(n):
+        _parse_packet(bufs + i * PACKET_MAX, vec[i].msg_len, &vec[i].msg_hdr, True, &pks[i])
+        if pks[i].status == DROP_CLOSED:
+            return i + 1  # after EOF recvmmsg fills the rest with more EOFs
+    return n
+
+
+cdef void _parse_packet(uint8_t *buf, ssize_t n, msghdr *msg, bint server_side, Packet *pk) noexcept nogil:
+    """Check one received packet (``n`` bytes in ``buf``, its control data in ``msg``) into ``pk``:
+    the status, the header's fields, the credentials and pidfd, the one fd kept; every other
+    fd is closed (or deferred: _close_received)."""
+    cdef cmsghdr *c
+    cdef int status = DROP_OK
+    cdef int hstatus
+    cdef bint creds = False
+    cdef int *fds
+    cdef size_t nfds, i
+    cdef size_t nrights = 0
+    cdef ucred cred
     pk.size = n
     pk.kind = 0
     pk.flags = 0
@@ -407,8 +442,8 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
     pk.ndeferred = 0
     if n == 0 and msg.msg_controllen == 0:
         pk.status = DROP_CLOSED
-        return 1
-    c = CMSG_FIRSTHDR(&msg)
+        return
+    c = CMSG_FIRSTHDR(msg)
     while c != NULL:
         if c.cmsg_level == SOL_SOCKET:
             if c.cmsg_type == SCM_CREDENTIALS and c.cmsg_len >= CMSG_LEN(sizeof(ucred)):
@@ -431,7 +466,7 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
                         pk.fd = fds[i]
                     else:
                         _close_received(pk, fds[i])
-        c = CMSG_NXTHDR(&msg, c)
+        c = CMSG_NXTHDR(msg, c)
     if pk.pidfd < -1:
         pk.pidfd = -1  # the kernel reports a failed pidfd as a negative errno
     if msg.msg_flags & MSG_CTRUNC:
@@ -461,7 +496,6 @@ cdef int _recv_packet(int fd, uint8_t *buf, char *cbuf, bint server_side, Packet
         if pk.pidfd >= 0:
             close(pk.pidfd)
             pk.pidfd = -1
-    return 1
 
 
 cdef bint _gone(int fd, char *cbuf) noexcept nogil:
@@ -608,6 +642,7 @@ cdef class Conn:
     cdef unsigned long long admit_epoch
     cdef long long reject_budget
     cdef unsigned long long fast_rejected  # counted by the fast path, not yet taken (take_rejected)
+    cdef object pending  # server side: a batch's packets not handed out yet (_next_packet); deque or None
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -925,9 +960,10 @@ cdef class Conn:
             # Whatever the outcome the sender may reuse the region; a packet handed up
             # (Untaken) is released when it is taken or discarded.
             arena_release_ref(self.arenas, PyBytes_FromStringAndSize(<const char *>buf + HEADER_SIZE, ARENA_REF_SIZE))
+        cdef int alive = -1
         if pk.status == DROP_OK and self.server_side:
             if not identified:
-                self._identify(pk)
+                self._identify(pk, &alive)
         elif pk.status != DROP_OK and pk.pidfd >= 0:
             close(pk.pidfd)
             pk.pidfd = -1
@@ -943,23 +979,74 @@ cdef class Conn:
         self.reject_budget = reject_budget
 
     cdef object _next_packet(self, ServerTransport st):
-        """Server side: the next packet queued on this connection: None (nothing queued),
-        what its cached admission makes of it (_admitted), or a Received for the server."""
-        cdef Packet pk
-        cdef int rc
+        """Server side: the next packet of this connection: None (nothing queued),
+        _COUNTED (every packet read was rejected and counted), what its cached
+        admission made of it (_admitted), or a Received for the server.
+
+        Reads up to RECV_BATCH packets in one recvmmsg, with one liveness check of
+        the connecting process for all of them (_identify); what is not handed
+        out now waits in ``pending``, in order. Once one packet of a batch goes
+        to the server, the rest do too: the server may change the cached
+        admission when it sees that one.
+        """
+        cdef int n, i
+        cdef int alive = -1
+        cdef bint slow = False
+        cdef bint counted = False
+        cdef Packet *pk
+        cdef uint8_t *buf
+        if self.pending:
+            return self.pending.popleft()
         if self.fd < 0:
             return _received(DROP_CLOSED, self)
         with nogil:
-            rc = _recv_packet(self.fd, st.buf, st.cbuf, True, &pk)
-        if rc == 0:
+            n = _recv_batch(self.fd, st.rvec, st.riov, st.bufs, st.cbufs, RECV_BATCH, st.pks)
+        if n == 0:
             return None
-        if rc < 0:
+        if n < 0:
             raise error_from_errno(errno, "recv")
-        if self.admit_mode == ADMIT_NONE or pk.status != DROP_OK or pk.ndeferred:
-            return self._result(&pk, st.buf)
-        self._identify(&pk)
-        got = self._admitted(st, &pk, st.buf)
-        return got if got is not None else self._result(&pk, st.buf, True)
+        items = []
+        for i in range(n):
+            pk = &st.pks[i]
+            buf = st.bufs + i * PACKET_MAX
+            if pk.status == DROP_OK:
+                self._identify(pk, &alive)
+                if not slow and self.admit_mode != ADMIT_NONE and not pk.ndeferred:
+                    got = self._admitted(st, pk, buf)
+                    if got is _COUNTED:
+                        counted = True
+                        continue
+                    if got is not None:
+                        items.append(got)
+                        continue
+            slow = True
+            items.append(self._result(pk, buf, True))
+        if not items:
+            return _COUNTED if counted else None
+        if len(items) > 1:
+            if self.pending is None:
+                self.pending = deque()
+            self.pending.extend(items[1:])
+        return items[0]
+
+    cdef void _discard_pending(self) noexcept:
+        """Drop what a batch left unhanded (the connection is gone): close the pidfds and
+        the payload fds those packets carried."""
+        cdef Received got
+        if not self.pending:
+            return
+        for item in self.pending:
+            if item.__class__ is Received:
+                got = <Received>item
+                if got.pidfd >= 0:
+                    close(got.pidfd)
+                    got.pidfd = -1
+                if got.payload.__class__ is Untaken:
+                    try:
+                        got.payload.discard()
+                    except BaseException:
+                        pass
+        self.pending.clear()
 
     cdef object _admitted(self, ServerTransport st, Packet *pk, const uint8_t *buf):
         """A valid packet's fate under the cached admission: a Message (or a BATCH packet's
@@ -1020,13 +1107,18 @@ cdef class Conn:
         finally:
             arena_release_ref(self.arenas, ref)
 
-    cdef void _identify(self, Packet *pk) noexcept:
+    cdef void _identify(self, Packet *pk, int *alive) noexcept:
         """Turn the packet's identity into a pidfd for the caller (see unix.Conn._identify).
 
         A packet from the process that connected, while that process is still
         alive (or a zombie: its pid cannot have been reused), is pinned by the
         pidfd taken at accept; one syscall instead of a pidfd per packet. A
         packet from any other pid switches the connection to per-packet pidfds.
+
+        ``alive``: -1 until that process was checked, then 1 or 0. A check made
+        after a batch of packets was dequeued holds for every one of them (the
+        process lived from connect() until after they were sent), so a batch
+        shares one.
         """
         cdef struct_stat st
         cdef unsigned long long ino
@@ -1041,7 +1133,9 @@ cdef class Conn:
                 return
             ino = st.st_ino
         elif self.peer_pidfd >= 0 and pk.pid == self.peer_pid:
-            if syscall(SYS_pidfd_send_signal, self.peer_pidfd, 0, NULL, 0) != 0 and errno != EPERM:
+            if alive[0] < 0:
+                alive[0] = syscall(SYS_pidfd_send_signal, self.peer_pidfd, 0, NULL, 0) == 0 or errno == EPERM
+            if not alive[0]:
                 self.has_last = False  # the process that connected is gone: nothing pins this packet
                 return
             pinned = True
@@ -1323,17 +1417,22 @@ cdef class ServerTransport:
     cdef object ready     # deque of Conn with packets (probably) queued
     cdef int burst        # packets served from ready since the last epoll_wait
     cdef double accept_paused_until  # out of fds: the listener is off epoll until then (0: on)
-    cdef uint8_t *buf
-    cdef char *cbuf
+    cdef uint8_t *bufs   # RECV_BATCH packet buffers (PACKET_MAX each), shared by all connections
+    cdef char *cbufs     # their control data (CMSG_BUF each)
+    cdef char *cbuf      # for _gone at accept
+    cdef mmsghdr rvec[RECV_BATCH]
+    cdef iovec riov[RECV_BATCH]
+    cdef Packet pks[RECV_BATCH]
     cdef epoll_event events[MAX_EVENTS]
 
     def __cinit__(self, listener, bint pidfs):
         cdef epoll_event ev
         self.epfd = -1
         self.wakefd = -1
-        self.buf = <uint8_t *>malloc(PACKET_MAX)
+        self.bufs = <uint8_t *>malloc(RECV_BATCH * PACKET_MAX)
+        self.cbufs = <char *>malloc(RECV_BATCH * CMSG_BUF)
         self.cbuf = <char *>malloc(CMSG_BUF)
-        if self.buf == NULL or self.cbuf == NULL:
+        if self.bufs == NULL or self.cbufs == NULL or self.cbuf == NULL:
             raise MemoryError()
         listener.setblocking(False)
         self.listener = listener
@@ -1362,7 +1461,8 @@ cdef class ServerTransport:
             close(self.epfd)
         if self.wakefd >= 0:
             close(self.wakefd)
-        free(self.buf)
+        free(self.bufs)
+        free(self.cbufs)
         free(self.cbuf)
 
     @property
@@ -1383,6 +1483,7 @@ cdef class ServerTransport:
         cdef double deadline = _deadline(timeout)
         cdef int n, i, fd, ms
         cdef bint woken
+        cdef bint counted = False  # a cached admission rejected a packet in this call
         cdef Conn conn
         cdef uint64_t junk
         if self.epfd < 0:
@@ -1399,6 +1500,7 @@ cdef class ServerTransport:
                 self.ready.rotate(-1)  # one packet per connection per turn: fairness
                 self.burst += 1
                 if got is _COUNTED:
+                    counted = True
                     continue
                 if got.__class__ is Received and (<Received>got).status == DROP_CLOSED:
                     self._drop(conn)
@@ -1436,7 +1538,9 @@ cdef class ServerTransport:
                         conn.outbox.flush(conn)
                     if self.events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR) and conn not in self.ready:
                         self.ready.append(conn)
-            if (woken or (ms >= 0 and _ms_left(deadline) == 0)) and not self.ready:
+            # A flood of rejected packets must not hold a caller past its deadline, nor
+            # past a wakeup(): the ready connections are served on the next call.
+            if woken or (ms >= 0 and _ms_left(deadline) == 0 and (counted or not self.ready)):
                 return None
 
     cdef _accept(self):
@@ -1507,6 +1611,7 @@ cdef class ServerTransport:
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev)
 
     cdef _drop(self, Conn conn):
+        conn._discard_pending()
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)

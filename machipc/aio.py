@@ -230,7 +230,7 @@ class Server:
             return 0
         taken = empty = 0
         while taken < limit:
-            got = transport.recv(0)
+            got = transport.recv(0.0)
             if got is None:
                 empty += 1
                 if empty >= settle:

@@ -309,7 +309,7 @@ class Server:
                         batch.extend(_take(self._unbatched, max_count - len(batch)))
                         if len(batch) == max_count:
                             return batch
-                    got = self._transport.recv(0 if batch or queued_only else remaining(deadline))
+                    got = self._transport.recv(0.0 if batch or queued_only else remaining(deadline))
                     if got is None:
                         if batch or queued_only:
                             return batch
@@ -697,7 +697,7 @@ class Server:
                     pool.submit(msg)
                 del msg
             else:
-                got = self._transport.recv(0)
+                got = self._transport.recv(0.0)
                 if got is None:
                     empty += 1  # twice: a pending wakeup() can make one recv(0) come back empty
                     if empty == 2:

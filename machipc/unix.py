@@ -727,6 +727,7 @@ class ServerTransport:
         None, 0, 0, 0, b"", pid, uid, gid, -1)``.
         """
         deadline = deadline_of(timeout)
+        counted = False  # a cached admission rejected a packet in this call
         while True:
             if self._refused:
                 return self._refused.popleft()
@@ -743,6 +744,7 @@ class ServerTransport:
                 elif conn._admit_peer is not None and got.status == Drop.OK:
                     fast = conn._admitted(got, self)
                     if fast is _COUNTED:
+                        counted = True
                         continue
                     if fast is not None:
                         return fast
@@ -778,9 +780,10 @@ class ServerTransport:
                         conn.outbox.flush(conn)
                     if mask & self._readable and conn not in self._ready:
                         self._ready.append(conn)
-            if woken or (left is not None and remaining(deadline) == 0.0):
-                if not self._ready:
-                    return None
+            # A flood of rejected packets must not hold a caller past its deadline, nor
+            # past a wakeup(): the ready connections are served on the next call.
+            if woken or (left is not None and remaining(deadline) == 0.0 and (counted or not self._ready)):
+                return None
 
     def _accept(self) -> None:
         while True:
