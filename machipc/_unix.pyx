@@ -1345,7 +1345,8 @@ cdef class Conn:
         sock_intr_errno), so a Python signal handler always runs promptly. The value
         set is kept while it is at most ``ms`` and within 1/64 of it (one setsockopt
         per timeout, not per call): the wait never outlasts the deadline, and may end
-        a little early (the caller then waits again for what is left).
+        a little early (the caller then waits again for what is left). SO_RCVTIMEO
+        belongs to the socket: one thread receives at a time (the Client's receive lock).
         """
         cdef timeval tv
         if ms < 0:
