@@ -25,10 +25,10 @@ from posix.unistd cimport close, read, write
 
 from ._message cimport Message as CMessage
 from ._posix cimport *
+from ._wire cimport *
 
 cdef extern from "_stream_copy.h" nogil:
     void machipc_stream_copy(void *dst, const void *src, size_t n)
-from ._wire cimport *
 
 from .args import timeout_arg
 from .errors import IPCTimeoutError, MessageTooLarge, PeerGone, error_from_errno
