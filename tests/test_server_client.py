@@ -405,3 +405,46 @@ def test_one_way_sender_learns_the_server_limit(serve, client):
         cli.send_many([b"ok", b"x" * 200])
     cli.send(b"y" * 100)
     assert srv.stats.too_large == 0
+
+
+class _LoggedTransport:
+    """A server transport that logs each ``recv`` (its timeout, and whether it handed
+    something up) and forwards everything else to the real one."""
+
+    def __init__(self, inner, log: list) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_log", log)
+
+    def recv(self, timeout):
+        got = self._inner.recv(timeout)
+        self._log.append(("recv", timeout, got is not None))
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+
+def test_serve_answers_a_request_before_asking_for_more(impl, sockdir, client):
+    """A request serve() had to wait for is handled at once: its reply does not wait
+    for serve() to ask the transport what else is queued (that comes after)."""
+    log: list = []
+    srv = machipc.Server("org.test.svc", directory=sockdir, impl=impl)
+    srv._transport = _LoggedTransport(srv._transport, log)
+
+    def handler(msg):
+        log.append(("handle",))
+        return b"ok"
+
+    thread = threading.Thread(target=srv.serve, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        assert client().request(b"question", timeout=10) == b"ok"
+    finally:
+        srv.close()
+        thread.join(10)
+    got = next(i for i, entry in enumerate(log) if entry[0] == "recv" and entry[2])  # the request
+    assert log[got + 1] == ("handle",), log[: got + 3]
+    assert [entry[1] for entry in log[got + 2 : got + 3]] == [0.0]  # then what is queued, without waiting
