@@ -1481,7 +1481,26 @@ cdef class ServerTransport:
 
         None when ``timeout`` passed or ``wakeup()`` was called.
         """
-        cdef double deadline = _deadline(timeout)
+        return self._recv(_deadline(timeout))
+
+    def recv_many(self, Py_ssize_t max_count, timeout):
+        """What ``recv`` returns, for up to ``max_count`` packets (see unix.ServerTransport.recv_many)."""
+        cdef double now
+        got = self._recv(_deadline(timeout))
+        if got is None:
+            return []
+        out = [got]
+        now = _now()  # the rest: only what is already queued
+        while len(out) < max_count:
+            if got.__class__ is Received:
+                break  # the server judges it first: it may cache an admission for what follows
+            got = self._recv(now)
+            if got is None:
+                break
+            out.append(got)
+        return out
+
+    cdef object _recv(self, double deadline):
         cdef int n, i, fd, ms
         cdef bint woken
         cdef bint counted = False  # a cached admission rejected a packet in this call

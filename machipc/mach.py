@@ -43,7 +43,7 @@ from .machmsg import (
     SendInterrupted,
 )
 from .peer import Peer
-from .received import Received
+from .received import Received, take_many
 from .deadline import deadline_of, remaining
 from .wire import (
     CLIENT_ACCEPTS,
@@ -311,6 +311,10 @@ class ServerTransport:
     def disconnect(self, conn) -> None:
         """Drop ``conn``'s reply right (the client sees its request fail)."""
         conn.close()
+
+    def recv_many(self, max_count: int, timeout: Optional[float]) -> list:
+        """Up to ``max_count`` messages, waiting up to ``timeout`` only for the first (machipc.unix)."""
+        return take_many(self.recv, max_count, timeout)
 
     def take_rejected(self) -> list:
         """Packets rejected without the server: none (see the class doc)."""

@@ -7,9 +7,9 @@ transport (machipc.mach).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-__all__ = ["Received", "SAME_PEER"]
+__all__ = ["Received", "SAME_PEER", "take_many"]
 
 #: ``Received.pidfd`` of a packet from the same process as the previous packet on
 #: its connection (Linux): the caller reuses the Peer it made for that one.
@@ -60,3 +60,22 @@ class Received:
     def __repr__(self) -> str:
         return (f"<Received status={self.status} kind={self.kind} flags={self.flags:#x} request_id={self.request_id} "
                 f"pid={self.pid} uid={self.uid} gid={self.gid} pidfd={self.pidfd}>")
+
+
+def take_many(recv: Callable[[Optional[float]], Any], max_count: int, timeout: Optional[float]) -> list:
+    """``ServerTransport.recv_many`` from its ``recv``: up to ``max_count`` of what ``recv``
+    returns, waiting up to ``timeout`` only for the first (see machipc.unix). A Received
+    ends the list: the server judges it before more is taken (it may cache an admission
+    for the packets that follow, and a large payload is taken before the next)."""
+    got = recv(timeout)
+    if got is None:
+        return []
+    out = [got]
+    while len(out) < max_count:
+        if got.__class__ is Received:
+            break  # the server judges it first: it may cache an admission for what follows
+        got = recv(0.0)
+        if got is None:
+            break
+        out.append(got)
+    return out

@@ -309,32 +309,34 @@ class Server:
                         batch.extend(_take(self._unbatched, max_count - len(batch)))
                         if len(batch) == max_count:
                             return batch
-                    got = self._transport.recv(0.0 if batch or queued_only else remaining(deadline))
-                    if got is None:
+                    room = max_count - len(batch)
+                    items = self._transport.recv_many(room, 0.0 if batch or queued_only else remaining(deadline))
+                    if not items:
                         if batch or queued_only:
                             return batch
                         if deadline is not None and remaining(deadline) == 0.0:
                             raise IPCTimeoutError(f"no message within {timeout} s")
                         continue
-                    msg = self._take(got)
-                    del got  # holds a closed connection's Conn (and so its fd) while we block
-                    if msg.__class__ is list:  # a BATCH packet's messages: what does not fit waits
-                        room = max_count - len(batch)
-                        if len(msg) > room:
-                            self._unbatched.extend(msg[room:])
-                            del msg[room:]
-                        batch.extend(msg)
-                        if len(batch) == max_count:
-                            return batch
-                    elif msg is not None:
-                        batch.append(msg)
-                        if inline_only and msg.data.__class__ is not bytes:
-                            return batch
+                    for got in items:
+                        msg = self._take(got)
+                        if msg.__class__ is list:  # a BATCH packet's messages
+                            batch.extend(msg)
+                        elif msg is not None:
+                            batch.append(msg)
+                    taken = len(items)
+                    # (they hold closed connections' Conns, and so their fds, while we block)
+                    del items, got, msg
+                    if len(batch) >= max_count:
+                        self._unbatched.extend(batch[max_count:])  # what does not fit waits, in order
+                        del batch[max_count:]
+                        return batch
+                    if inline_only and batch and batch[-1].data.__class__ is not bytes:
+                        return batch  # a large payload ends the batch (recv_many stopped there too)
                     if batch or queued_only:
                         # Bounded by packets, not messages: under a flood of refused packets the
                         # messages already taken must not wait for max_count allowed ones.
-                        looked += 1
-                        if looked == max_count:
+                        looked += taken
+                        if looked >= max_count:
                             return batch
             finally:
                 self._receiver = None

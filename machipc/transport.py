@@ -83,6 +83,11 @@ class ServerTransport(Protocol):
         """The next packet or connection end from any client (module doc), or what a cached
         admission let through; None after ``timeout`` s or a ``wakeup()``."""
 
+    def recv_many(self, max_count: int, timeout: Optional[float]) -> list:
+        """What ``recv`` returns, for up to ``max_count`` packets: waits up to ``timeout`` only
+        for the first, then takes what is queued; a Received (the server judges it, and takes
+        a large payload, before more is read) ends the list."""
+
     def take_rejected(self) -> list[tuple[int, int, int]]:
         """``[(conn id, uid, count)]`` rejected by cached admissions since the last call."""
 

@@ -52,7 +52,7 @@ from .outbox import REPLY_QUEUE_BYTES, Outbox
 from .payload import MAX_PAYLOAD, Untaken, map_sealed
 from .peer import OVERFLOW_GID, OVERFLOW_UID
 from .message import Message as _Message
-from .received import SAME_PEER, Received
+from .received import SAME_PEER, Received, take_many
 from .wire import (
     ARENA_REF_SIZE,
     BATCH_ITEM_SIZE,
@@ -784,6 +784,12 @@ class ServerTransport:
             # past a wakeup(): the ready connections are served on the next call.
             if woken or (left is not None and remaining(deadline) == 0.0 and (counted or not self._ready)):
                 return None
+
+    def recv_many(self, max_count: int, timeout: Optional[float]) -> list:
+        """What ``recv`` returns, for up to ``max_count`` packets: waits up to ``timeout``
+        only for the first, then takes what is already queued; a Received ends the list
+        (machipc.received.take_many); [] when the time ran out or after ``wakeup()``."""
+        return take_many(self.recv, max_count, timeout)
 
     def _accept(self) -> None:
         while True:

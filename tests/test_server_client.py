@@ -408,8 +408,8 @@ def test_one_way_sender_learns_the_server_limit(serve, client):
 
 
 class _LoggedTransport:
-    """A server transport that logs each ``recv`` (its timeout, and whether it handed
-    something up) and forwards everything else to the real one."""
+    """A server transport that logs each ``recv`` and ``recv_many`` (its timeout, and
+    whether it handed something up) and forwards everything else to the real one."""
 
     def __init__(self, inner, log: list) -> None:
         object.__setattr__(self, "_inner", inner)
@@ -418,6 +418,11 @@ class _LoggedTransport:
     def recv(self, timeout):
         got = self._inner.recv(timeout)
         self._log.append(("recv", timeout, got is not None))
+        return got
+
+    def recv_many(self, max_count, timeout):
+        got = self._inner.recv_many(max_count, timeout)
+        self._log.append(("recv", timeout, bool(got)))
         return got
 
     def __getattr__(self, name):
