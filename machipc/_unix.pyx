@@ -1136,7 +1136,7 @@ cdef class Conn:
             if alive[0] < 0:
                 alive[0] = syscall(SYS_pidfd_send_signal, self.peer_pidfd, 0, NULL, 0) == 0 or errno == EPERM
             if not alive[0]:
-                self.has_last = False  # the process that connected is gone: nothing pins this packet
+                self._new_last(False)  # the process that connected is gone: nothing pins this packet
                 return
             pinned = True
             ino = self.peer_ino
@@ -1153,13 +1153,25 @@ cdef class Conn:
         if pinned:
             pk.pidfd = fcntl(self.peer_pidfd, F_DUPFD_CLOEXEC, 0)
             if pk.pidfd < 0:
-                self.has_last = False
+                self._new_last(False)
                 return
-        self.has_last = True
+        self._new_last(True)
         self.last_pid = pk.pid
         self.last_uid = pk.uid
         self.last_gid = pk.gid
         self.last_ino = ino
+
+    cdef inline void _new_last(self, bint known) noexcept:
+        """The last sender changes (or is no longer known): the cached admission was made
+        for the one before, so it stands for nobody now; the server makes the next one."""
+        self.has_last = known
+        self.admit_mode = ADMIT_NONE
+
+    def forget_sender(self):
+        """Server side: the last packet's sender was refused without being judged (a uid's
+        cool-down): its next packet is identified afresh, never as ``SAME_PEER``, and the
+        cached admission goes (see unix.Conn.forget_sender)."""
+        self._new_last(False)
 
     cdef void _pidfd_per_packet(self) noexcept:
         cdef int one = 1

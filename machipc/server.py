@@ -371,6 +371,12 @@ class Server:
                 payload.discard()
             self._stats.cooled_down += 1
             self.rate_log.warning(uid, "cooled down", "disconnected pid %d uid %d: its uid is in a cool-down", pid, uid)
+            # Refused unjudged, so neither the server nor the transport knows this sender: what
+            # they kept describes whoever sent before it, and must not stand for its next packets.
+            self._peers.pop(conn.id, None)
+            forget = getattr(conn, "forget_sender", None)  # (Mach: nothing is kept per connection)
+            if forget is not None:
+                forget()
             _hang_up(conn)
             return None
         # Identity and decision first; a large payload is still untaken here.
@@ -499,8 +505,8 @@ class Server:
             # so entries would pile up forever; the DecisionCache keeps one per process.
             return got.peer, self._decisions.decide(got.peer)
         conn, pidfd = got.conn, got.pidfd
-        if pidfd == SAME_PEER:
-            entry = self._peers[conn.id]
+        entry = self._peers.get(conn.id) if pidfd == SAME_PEER else None
+        if entry is not None:
             peer = entry[0]
             # execve() and a cgroup move keep pid, pidfd and the connection. Only what
             # somebody has read can be stale: one stat / pread each, then only if so.
@@ -522,6 +528,8 @@ class Server:
             peer = peer.successor()
         else:
             pid = got.pid
+            if pidfd == SAME_PEER:  # the same as a sender the server forgot (see _admit): not pinned now
+                pidfd = -1
             if pidfd < 0 and pid > 0 and self.pidfd_guard == "pidfd_open":
                 try:
                     pidfd = os.pidfd_open(pid)

@@ -72,7 +72,9 @@ class ServerTransport(Protocol):
     machipc/unix.py); ``recv`` then hands such packets up as ready Messages
     (of the backend's ``message_type``), or counts rejected ones itself
     (``rejected_pending``, ``take_rejected``). The server voids every cached
-    admission by bumping ``epoch``. The Mach transport caches nothing.
+    admission by bumping ``epoch``; a connection's own goes when its last sender
+    changes, and with ``Conn.forget_sender()`` (a sender refused unjudged).
+    The Mach transport caches nothing.
     """
 
     connections: int  #: connected clients now

@@ -427,7 +427,7 @@ class Conn:
             except PermissionError:
                 pass  # alive, just not ours to signal
             except OSError:
-                self._last = None  # the process that connected is gone: nothing pins this packet
+                self._new_last(None)  # the process that connected is gone: nothing pins this packet
                 return -1
             ino = self._peer_ino
         else:
@@ -443,10 +443,22 @@ class Conn:
             try:
                 pidfd = fcntl.fcntl(self._peer_pidfd, fcntl.F_DUPFD_CLOEXEC, 0)
             except OSError:
-                self._last = None
+                self._new_last(None)
                 return -1
-        self._last = ident
+        self._new_last(ident)
         return pidfd
+
+    def _new_last(self, ident: Optional[tuple[int, int, int, int]]) -> None:
+        """The last sender changes (or is no longer known, None): the cached admission was
+        made for the one before, so it stands for nobody now; the server makes the next one."""
+        self._last = ident
+        self._admit_epoch = -1  # (never the transport's epoch: see _admitted)
+
+    def forget_sender(self) -> None:
+        """Server side: the last packet's sender was refused without being judged (a uid's
+        cool-down). Its next packet is identified afresh, never as ``SAME_PEER`` (which the
+        server would resolve to the sender it judged before), and the cached admission goes."""
+        self._new_last(None)
 
     def cache_admission(self, peer, decision, allowed: bool, epoch: int, reject_budget: int = -1) -> None:
         """Server side: what later packets of ``peer``'s process on this connection get.

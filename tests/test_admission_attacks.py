@@ -1,0 +1,101 @@
+"""The per-connection cached admission under attack, with real processes.
+
+The server (in this process, root) caches the decision about a connection's
+last sender (``Conn.cache_admission``); the transport then lets that
+process's later packets through by itself. Here another process writes on
+the same connection (it inherited the fd across ``setpriv``, so it runs as
+uid 65534 with its own pid), interleaved with the process that connected:
+none of its packets may come out as the cached sender's, nor skip a check
+the server would have made. Both transports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import machipc
+from machipc import wire
+from machipc.policies import Allowlist
+from machipc.wire import Kind
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv (util-linux) to write as uid 65534 on an inherited connection",
+)
+
+NAME = "org.test.admission"
+NOBODY = 65534
+# argv[1]: the inherited fd; argv[2]: how many one-way packets b0, b1, ... to send.
+# It sends them, says so, and stays alive until its stdin closes (so its pid stays its own).
+WRITER = r"""
+import socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+for i in range(int(sys.argv[2])):
+    data = b"b%d" % i
+    s.send(struct.pack("<HBBIQQ", 0x696D, 2, 1, 0, 0, len(data)) + data)
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def _one_way(data: bytes) -> bytes:
+    return wire.pack_header(Kind.MESSAGE, 0, len(data)) + data
+
+
+def _as_nobody(sock, count: int) -> subprocess.Popen:
+    """A uid-65534 process writing ``count`` packets on ``sock`` (inherited), alive until its stdin closes."""
+    proc = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", WRITER,
+         str(sock.fileno()), str(count)],
+        pass_fds=(sock.fileno(),), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "sent"
+    return proc
+
+
+def _connect(path: str) -> socket.socket:
+    """A hand-driven connection (the server's HELLO is left unread)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.settimeout(10)
+    return s
+
+
+def _drain(srv: machipc.Server) -> list:
+    out = []
+    while True:
+        try:
+            out.append(srv.receive(timeout=1.0))
+        except machipc.IPCTimeoutError:
+            return out
+
+
+def test_a_cooled_down_process_writing_on_a_cached_connection_is_not_let_through(impl, sockdir):
+    """uid 65534 is in a cool-down (it left replies unread); it writes on a connection whose
+    owner (root) is cached as allowed. The server refuses its first packets for the
+    cool-down without judging them; its later ones must not pass the transport as root's."""
+    policy = Allowlist(uids={os.geteuid(), NOBODY})
+    with machipc.Server(NAME, policy, directory=sockdir, impl=impl, offender_strikes=1) as srv:
+        assert srv.offenders.strike(NOBODY)  # (what Server._cut_off does for unread replies)
+        sock = _connect(srv.path)
+        sock.send(_one_way(b"a0"))
+        first = srv.receive(timeout=10)
+        assert first.sender.pid == os.getpid()  # root's process is now the cached sender
+        for i in range(1, 16):  # a recvmmsg batch's worth, so the other process's packets span batches
+            sock.send(_one_way(b"a%d" % i))
+        writer = _as_nobody(sock, 40)
+        try:
+            got = _drain(srv)
+        finally:
+            writer.stdin.close()
+            writer.wait(10)
+            sock.close()
+        leaked = [(bytes(m.data), m.sender.pid, m.sender.uid) for m in got if not bytes(m.data).startswith(b"a")]
+        assert not leaked, f"packets of pid {writer.pid} uid {NOBODY} (in its cool-down) handed on as: {leaked[:3]}"
+        assert all(m.sender.pid == os.getpid() for m in got)
+        assert srv.stats.cooled_down >= 1
