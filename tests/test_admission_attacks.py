@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 NAME = "org.test.admission"
 NOBODY = 65534
+SO_SNDBUFFORCE = 32  # (Linux; root)
 # argv[1]: the inherited fd; argv[2]: how many one-way packets b0, b1, ... to send.
 # It sends them, says so, and stays alive until its stdin closes (so its pid stays its own).
 WRITER = r"""
@@ -41,6 +42,20 @@ for i in range(int(sys.argv[2])):
     s.send(struct.pack("<HBBIQQ", 0x696D, 2, 1, 0, 0, len(data)) + data)
 print("sent", flush=True)
 sys.stdin.read()
+"""
+
+
+# argv[1]: the inherited fd. Each stdin line "START COUNT" sends one-way packets bSTART, ...;
+# it answers "ok" when they are queued, and stays alive until its stdin closes.
+ROUNDS = r"""
+import socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+for line in sys.stdin:
+    start, count = map(int, line.split())
+    for i in range(start, start + count):
+        data = b"b%d" % i
+        s.send(struct.pack("<HBBIQQ", 0x696D, 2, 1, 0, 0, len(data)) + data)
+    print("ok", flush=True)
 """
 
 
@@ -64,6 +79,19 @@ def _connect(path: str) -> socket.socket:
     s.connect(path)
     s.settimeout(10)
     return s
+
+
+def _count_admits(srv: machipc.Server) -> list:
+    """Make ``srv._admit`` record the packets the server itself judged (the rest: cached admissions)."""
+    calls: list = []
+    admit = srv._admit
+
+    def counting(got):
+        calls.append((got.pid, got.kind))
+        return admit(got)
+
+    srv._admit = counting
+    return calls
 
 
 def _drain(srv: machipc.Server) -> list:
@@ -99,3 +127,44 @@ def test_a_cooled_down_process_writing_on_a_cached_connection_is_not_let_through
         assert not leaked, f"packets of pid {writer.pid} uid {NOBODY} (in its cool-down) handed on as: {leaked[:3]}"
         assert all(m.sender.pid == os.getpid() for m in got)
         assert srv.stats.cooled_down >= 1
+
+
+def test_interleaved_senders_on_one_connection_keep_their_own_identity_and_decision(impl, sockdir):
+    """root's process (allowed, cached) and a uid-65534 process (refused) take turns on one
+    connection, in runs that start and end inside and across the server's recvmmsg batches
+    (16 packets): each allowed packet comes as root's process, none of the other's is handed
+    on, and every one of those is counted as rejected, whether the server or a cached
+    admission refused it."""
+    with machipc.Server(NAME, directory=sockdir, impl=impl, max_rejections=None) as srv:
+        sock = _connect(srv.path)
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)  # room for every run, queued at once
+        sock.send(_one_way(b"a0"))
+        assert srv.receive(timeout=10).sender.pid == os.getpid()
+        judged = _count_admits(srv)
+        writer = subprocess.Popen(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", ROUNDS,
+             str(sock.fileno())], pass_fds=(sock.fileno(),), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        a = b = 0
+        try:
+            for ours, theirs in ((3, 1), (1, 2), (12, 5), (1, 1), (20, 20), (15, 1), (1, 15), (2, 30)):
+                for _ in range(ours):
+                    a += 1
+                    sock.send(_one_way(b"a%d" % a))
+                writer.stdin.write(f"{b} {theirs}\n")
+                writer.stdin.flush()
+                assert writer.stdout.readline().strip() == "ok"
+                b += theirs
+            sock.send(_one_way(b"end"))
+            got = []
+            while not got or bytes(got[-1].data) != b"end":
+                got.append(srv.receive(timeout=10))
+        finally:
+            writer.stdin.close()
+            writer.wait(10)
+            sock.close()
+        assert [bytes(m.data) for m in got] == [b"a%d" % i for i in range(1, a + 1)] + [b"end"]
+        assert {(m.sender.pid, m.sender.uid) for m in got} == {(os.getpid(), os.geteuid())}
+        assert all(m.decision.allowed for m in got)
+        assert srv.stats.rejected == b and srv.stats.received == a + 2
+        print(f"{a + b + 2} packets, {len(judged)} judged by the server, the rest by cached admissions")
+        assert len(judged) < a + b  # (the cache was at work, for both senders)
