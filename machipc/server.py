@@ -366,6 +366,9 @@ class Server:
             else:
                 self._drop(conn, status, kind, request_id, pid, uid)
             return None
+        # Read before the cool-down check: a cool-down starting from here on (_cut_off, on a
+        # worker thread) must void what is cached below, as it voids what was cached before.
+        epoch = self._transport.epoch
         if self.offenders.refused(uid):  # a repeat offender in its cool-down: no service at all
             if payload.__class__ is Untaken:
                 payload.discard()
@@ -387,13 +390,13 @@ class Server:
                     payload.discard()  # closed unmapped; no arena is mapped for this sender
                 logged = self._reject(conn, kind, request_id, pid, uid, peer, decision, len(payload) if flags & _BATCH else 1)
                 # Counted by the transport alone once the rate-limited log has its lines.
-                self._cache_admission(conn, peer, decision, not logged)
+                self._cache_admission(conn, peer, decision, epoch, not logged)
                 return None
             self._stats.would_reject += len(payload) if flags & _BATCH else 1
             self.rate_log.warning(uid, "would reject", "would reject pid %d uid %d (enforce=False): %s", pid, uid, printable(decision.reason))
         elif conn.id not in self._allowed:
             self._allowed.add(conn.id)
-        self._cache_admission(conn, peer, decision)
+        self._cache_admission(conn, peer, decision, epoch)
         if payload.__class__ is Untaken:
             status, payload = payload.take()
             if status != _OK:
@@ -427,7 +430,7 @@ class Server:
         self._stats.received += len(msgs)
         return msgs
 
-    def _cache_admission(self, conn, peer: Peer, decision: Decision, cacheable: bool = True) -> None:
+    def _cache_admission(self, conn, peer: Peer, decision: Decision, epoch: int, cacheable: bool = True) -> None:
         """Let the transport deal with this sender's later packets on ``conn`` by itself
         (``Conn.cache_admission``: allowed ones become Messages, rejected ones are counted)
         when nothing the decision rests on can change between packets; else make it forget.
@@ -436,11 +439,11 @@ class Server:
         whose exe or cgroup somebody read (re-checked per packet for an exec or a move),
         an unknown decision, a sender that is not pinned, ``enforce=False``, and
         what the caller says is not ``cacheable``.
-        ``epoch`` voids them all (a uid's cool-down starting: _cut_off)."""
+        ``epoch``: the transport's when the packet was first looked at (before the cool-down
+        check); bumping it voids them all (a uid's cool-down starting: _cut_off)."""
         cache = getattr(conn, "cache_admission", None)
         if cache is None:  # Mach: every message brings its own audit token and is judged
             return
-        transport = self._transport
         self._take_rejected()  # the counts so far belong to the sender cached until now
         entry = self._peers.get(conn.id)
         if (not cacheable or entry is None or entry[0] is not peer or self._decisions.volatile or not decision.known
@@ -450,7 +453,7 @@ class Server:
         budget = -1  # rejected packets it may count before the server must see one (max_rejections)
         if not decision.allowed and self.max_rejections is not None and conn.id not in self._allowed:
             budget = max(0, self.max_rejections - self._rejections.get(conn.id, 0) - 1)
-        cache(peer, decision, decision.allowed, transport.epoch, budget)
+        cache(peer, decision, decision.allowed, epoch, budget)
 
     def _take_rejected(self) -> None:
         """Count, and fold into the rate-limited log, what cached admissions rejected."""

@@ -122,6 +122,33 @@ def test_a_cool_down_voids_the_cached_admissions_of_its_uid(impl, sockdir):
             assert srv.stats.cooled_down == 1 and srv.stats.received == 3
 
 
+def test_a_cool_down_starting_while_a_sender_is_judged_voids_its_cached_admission(impl, sockdir):
+    """With workers, a handler's reply can start its uid's cool-down (_cut_off, on a worker
+    thread) while the receive thread is between the cool-down check and caching the
+    decision about the next packet of that uid. Here the policy itself plays that worker:
+    the decision it gives must not be cached past the cool-down it saw start."""
+    holder: list = []
+
+    class CutOffWhileDeciding(machipc.policies.SameUser):
+        def check(self, peer):
+            srv = holder[0]
+            if srv.offenders.strike(peer.uid):  # what Server._cut_off does for unread replies
+                srv._transport.epoch += 1
+            return super().check(peer)
+
+    with machipc.Server("org.test.cache", CutOffWhileDeciding(), directory=sockdir, impl=impl, offender_strikes=1) as srv:
+        holder.append(srv)
+        with machipc.Client("org.test.cache", directory=sockdir, impl=impl) as cli:
+            cli.send(b"judged before the cool-down")
+            assert bytes(srv.receive(timeout=10).data) == b"judged before the cool-down"
+            assert srv.offenders.refused(os.geteuid())
+            for i in range(5):
+                cli.send(b"m%d" % i)
+            with pytest.raises(machipc.IPCTimeoutError):
+                srv.receive(timeout=1.0)
+            assert srv.stats.cooled_down >= 1 and srv.stats.received == 1
+
+
 def test_a_rejected_flood_is_counted_exactly_and_hung_up_on_at_max_rejections(impl, sockdir):
     with machipc.Server("org.test.cache", NOBODY, directory=sockdir, impl=impl, max_rejections=40) as srv:
         admits = _count_admits(srv)
