@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -111,7 +112,10 @@ def test_forked_childs_first_packet_is_answered_or_counted_never_lost(impl, tmp_
     """F5/F6 of issue 13 item 5: the first packet of a forked child on its parent's connection
     cannot be pinned (it came before SO_PASSPIDFD was on). An exe policy cannot decide it: a
     request gets an error that says to send again, a one-way message is counted and logged.
-    The child's next packet carries its own pidfd and is decided on the child's program."""
+    A packet it sends after that one was read carries its own pidfd and is decided on the
+    child's program. (Packets queued together with the first are read in the same recvmmsg
+    batch, before per-packet pidfds were asked for: the child waits for the server to have read
+    its first packet.)"""
     caplog.set_level(logging.WARNING, "machipc")
     python_dir = os.path.dirname(os.readlink("/proc/self/exe"))
     with machipc.Server("org.test.fork", policy=SameDirectory(python_dir), directory=str(tmp_path), impl=impl) as srv:
@@ -122,6 +126,7 @@ def test_forked_childs_first_packet_is_answered_or_counted_never_lost(impl, tmp_
         raw.settimeout(10)
         assert wire.HEADER.unpack_from(raw.recv(70000))[2] == Kind.HELLO  # sent at accept, first
         r, w = os.pipe()
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: its first packet, then a request, then it reports the replies
             try:
@@ -132,6 +137,7 @@ def test_forked_childs_first_packet_is_answered_or_counted_never_lost(impl, tmp_
                 else:
                     raw.send(_packet(Kind.MESSAGE, 0, b"child first"))
                     reply1 = b""
+                    os.read(go_r, 1)  # the server has read it
                 raw.send(_packet(Kind.REQUEST, 2, b"child second"))
                 reply2 = raw.recv(70000)
                 os.write(w, len(reply1).to_bytes(4, "little") + reply1 + reply2)
@@ -139,6 +145,12 @@ def test_forked_childs_first_packet_is_answered_or_counted_never_lost(impl, tmp_
                 os._exit(0)
         os.close(w)
         try:
+            if first == "message":  # counted, not handed on: wait until the server has read it
+                deadline = time.monotonic() + 20
+                while srv.stats.rejected == 0 and time.monotonic() < deadline:
+                    with pytest.raises(machipc.IPCTimeoutError):
+                        srv.receive(timeout=0.05)
+                os.write(go_w, b"x")
             second = srv.receive(timeout=20)
             assert bytes(second.data) == b"child second" and second.sender.pid == pid
             assert second.sender.guard is not None and second.sender.exe is not None
@@ -156,7 +168,8 @@ def test_forked_childs_first_packet_is_answered_or_counted_never_lost(impl, tmp_
                 code, text = wire.unpack_error(reply1[wire.HEADER_SIZE :])
                 assert code == ErrorCode.REJECTED and text == UNPINNED_TEXT
         finally:
-            os.close(r)
+            for fd in (r, go_r, go_w):
+                os.close(fd)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
