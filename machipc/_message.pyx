@@ -73,3 +73,24 @@ cdef class Message:
 
 
 _PureMessage.register(Message)
+
+
+def dispatch_batch(server, handler, list batch):
+    """``Server.serve``'s loop over one batch: ``handler(msg)`` for each message, in
+    order, and for an unanswered request its reply. The twin of
+    ``Server._dispatch_each``; what is rare stays there in Python
+    (``server._handler_failed``, ``server._answer_result``). Stops when the server
+    is closed (``close()`` from a handler)."""
+    for msg in batch:
+        if server._closed:
+            return
+        try:
+            result = handler(msg)
+        except Exception as exc:
+            server._handler_failed(msg, exc)
+            continue
+        if type(msg) is Message:
+            if (<Message>msg).request_id and not (<Message>msg)._answered:
+                server._answer_result(msg, result)
+        elif msg.request_id and not msg._answered:
+            server._answer_result(msg, result)

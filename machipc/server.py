@@ -17,6 +17,11 @@ from .args import int_arg, timeout_arg
 from .errors import InvalidArgument, IPCTimeoutError, MessageTooLarge, ServerClosed, UnreadReplies
 from ._printable import printable
 from .message import Message
+
+try:
+    from ._message import dispatch_batch
+except ImportError:  # not built: the pure twin's loop (Server._dispatch_each)
+    dispatch_batch = None
 from .peer import Peer
 from .policies import Decision, DecisionCache, PolicyLike, SameUser, as_policy
 from .ratelog import RateLimitedLog
@@ -211,6 +216,8 @@ class Server:
         self._backend = transport.backend(impl)  #: the transport (machipc.transport), chosen there
         self.implementation: str = self._backend.implementation
         self._message_type = self._backend.message_type  # built by the transport's fast path too
+        #: serve()'s loop over a batch: the Cython one with the Cython Message, else _dispatch_each.
+        self._dispatch_batch = dispatch_batch if self._message_type is not Message and dispatch_batch else Server._dispatch_each
         opened = self._backend.open_server(
             name, directory=directory, mode=mode, backlog=backlog, listener=listener,
             max_size=max_size, reply_queue_bytes=reply_queue_bytes, reply_timeout=reply_timeout,
@@ -633,12 +640,12 @@ class Server:
                 except ServerClosed:
                     graceful = not self._closed
                     break
-                for msg in batch:
-                    if self._closed:  # close() from a handler: the rest is not handled
-                        break
-                    if pool is None:
-                        self._dispatch(handler, msg)
-                    else:
+                if pool is None:
+                    self._dispatch_batch(self, handler, batch)
+                else:
+                    for msg in batch:
+                        if self._closed:  # close() from a handler: the rest is not handled
+                            break
                         pool.submit(msg)
                 queued = pool is None and bool(batch)
                 batch = msg = None  # drop the last connections' references so their fds can close
@@ -763,26 +770,43 @@ class Server:
             ep.close()
 
     def _dispatch(self, handler: Handler, msg: Message) -> None:
+        """``handler(msg)``, and for a request its reply (machipc._message.dispatch_batch
+        is the Cython loop doing the same for a batch)."""
         try:
             result = handler(msg)
-        except UnreadReplies as exc:  # the handler's own msg.reply() found the client over its bound
-            self._cut_off(msg, exc)
-            return
         except Exception as exc:
-            self._stats.handler_errors += 1
-            log.exception("handler failed on %r", msg)
-            if msg.expects_reply and not msg.answered:
-                self._answer(msg.fail, f"handler raised {type(exc).__name__}")
+            self._handler_failed(msg, exc)
             return
         if msg.request_id and not msg._answered:  # (the slots: properties cost more than the check)
-            if result is None or type(result) is bytes:  # the common case: no need to ask refuse_result
-                self._answer(msg.reply, b"" if result is None else result, msg)
+            self._answer_result(msg, result)
+
+    def _dispatch_each(self, handler: Handler, batch: list) -> None:
+        """serve()'s loop over one batch of messages (machipc._message.dispatch_batch's twin)."""
+        for msg in batch:
+            if self._closed:  # close() from a handler: the rest is not handled
                 return
-            wrong = refuse_result(self.stats, msg, result)
-            if wrong is not None:
-                self._answer(msg.fail, wrong)
-                return
+            self._dispatch(handler, msg)
+
+    def _handler_failed(self, msg: Message, exc: Exception) -> None:
+        """A handler raised: counted and logged; its requester gets a RemoteError."""
+        if isinstance(exc, UnreadReplies):  # the handler's own msg.reply() found the client over its bound
+            self._cut_off(msg, exc)
+            return
+        self._stats.handler_errors += 1
+        log.exception("handler failed on %r", msg, exc_info=exc)
+        if msg.expects_reply and not msg.answered:
+            self._answer(msg.fail, f"handler raised {type(exc).__name__}")
+
+    def _answer_result(self, msg: Message, result) -> None:
+        """Send the handler's return value as the reply to an unanswered request."""
+        if result is None or type(result) is bytes:  # the common case: no need to ask refuse_result
             self._answer(msg.reply, b"" if result is None else result, msg)
+            return
+        wrong = refuse_result(self._stats, msg, result)
+        if wrong is not None:
+            self._answer(msg.fail, wrong)
+            return
+        self._answer(msg.reply, result, msg)
 
     def _answer(self, answer: Callable, arg, msg: Optional[Message] = None) -> None:
         """Send a reply (or error); a reply that cannot be sent becomes an error reply."""
@@ -935,7 +959,7 @@ def _hang_up(conn) -> None:
 
 #: Error text for a request whose sending process could not be pinned (see _rejection_text).
 UNPINNED_TEXT = (
-    "rejected: the server could not pin the process that sent this request (the first packet of a "
+    "rejected: the server could not pin the process that sent this request (one of the first packets of a "
     "process other than the one that connected, e.g. a forked child); send it again: later packets "
     "on this connection carry their own pidfd"
 )

@@ -41,16 +41,20 @@ def test_forked_child_on_an_inherited_socket_is_not_taken_for_the_parent(impl, s
         raw.connect(srv.path)
         raw.send(_packet(b"parent"))
         parent_msg = srv.receive(timeout=5)
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child sends twice on the parent's connection, then waits to be killed
             try:
                 raw.send(_packet(b"child 1"))
+                os.read(go_r, 1)  # (the server read the first: a packet read with it in one batch is unpinned too)
                 raw.send(_packet(b"child 2"))
                 signal.pause()
             finally:
                 os._exit(0)
         try:
-            first, second = srv.receive(timeout=5), srv.receive(timeout=5)
+            first = srv.receive(timeout=5)
+            os.write(go_w, b"g")
+            second = srv.receive(timeout=5)
             # The kernel's per-packet credentials name the child, never the parent.
             assert first.sender.pid == second.sender.pid == pid
             # The first packet from a pid that is not the pinned one cannot be pinned
@@ -64,6 +68,8 @@ def test_forked_child_on_an_inherited_socket_is_not_taken_for_the_parent(impl, s
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            os.close(go_r)
+            os.close(go_w)
         raw.close()
 
 

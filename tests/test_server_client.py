@@ -447,6 +447,8 @@ def test_serve_answers_a_request_before_asking_for_more(impl, sockdir, client):
     thread.start()
     try:
         assert client().request(b"question", timeout=10) == b"ok"
+        # (close() only once serve() asked for more: a close before it would end serve() first)
+        assert wait_for(lambda: ("handle",) in log and log.index(("handle",)) < len(log) - 1)
     finally:
         srv.close()
         thread.join(10)
