@@ -324,15 +324,9 @@ class Server:
                         if deadline is not None and remaining(deadline) == 0.0:
                             raise IPCTimeoutError(f"no message within {timeout} s")
                         continue
-                    for got in items:
-                        msg = self._take(got)
-                        if msg.__class__ is list:  # a BATCH packet's messages
-                            batch.extend(msg)
-                        elif msg is not None:
-                            batch.append(msg)
+                    self._take_all(items, batch)
                     taken = len(items)
-                    # (they hold closed connections' Conns, and so their fds, while we block)
-                    del items, got, msg
+                    del items  # (they hold closed connections' Conns, and so their fds, while we block)
                     if len(batch) >= max_count:
                         self._unbatched.extend(batch[max_count:])  # what does not fit waits, in order
                         del batch[max_count:]
@@ -351,6 +345,28 @@ class Server:
                     self._take_rejected()
                 if self._closed:
                     self._teardown()
+
+    def _take_all(self, items: list, batch: list) -> None:
+        """``_take`` for each of ``items`` (what ``transport.recv_many`` returned), the
+        messages appended to ``batch`` in order; the transport's ready Messages without a
+        call each."""
+        mtype = self._message_type
+        ready = 0
+        for got in items:
+            cls = got.__class__
+            if cls is mtype:
+                batch.append(got)
+                ready += 1
+            elif cls is list:  # a BATCH packet's messages, made by the transport
+                batch.extend(got)
+                ready += len(got)
+            else:
+                msg = self._admit(got)
+                if msg.__class__ is list:
+                    batch.extend(msg)
+                elif msg is not None:
+                    batch.append(msg)
+        self._stats.received += ready
 
     def _take(self, got) -> "Message | list[Message] | None":
         """What becomes of one thing ``transport.recv`` handed up: a message, a BATCH packet's
