@@ -24,6 +24,8 @@ from machipc import wire
 from machipc.policies import Allowlist
 from machipc.wire import Kind
 
+from conftest import wait_for
+
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv (util-linux) to write as uid 65534 on an inherited connection",
@@ -168,3 +170,65 @@ def test_interleaved_senders_on_one_connection_keep_their_own_identity_and_decis
         assert srv.stats.rejected == b and srv.stats.received == a + 2
         print(f"{a + b + 2} packets, {len(judged)} judged by the server, the rest by cached admissions")
         assert len(judged) < a + b  # (the cache was at work, for both senders)
+
+
+# uid 65534 (system python3, no machipc): argv[1] the socket path, argv[2] rounds. It connects,
+# forks, and parent and child take turns (a pipe passes the turn) sending one-way packets with a
+# sealed memfd payload each, so every packet the server reads brings a payload fd and, once the
+# server asks for per-packet pidfds, a pidfd of a sender other than the previous one's.
+TAKING_TURNS = r"""
+import array, fcntl, os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+rounds = int(sys.argv[2])
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+def send():
+    fd = os.memfd_create("payload", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    header = struct.pack("<HBBIQQ", 0x696D, 2, 1, 1, 0, 1 << 20)  # MESSAGE, PAYLOAD_FD
+    s.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    os.close(fd)
+
+to_child, to_parent = os.pipe(), os.pipe()
+child = os.fork()
+mine, theirs = (to_child[0], to_parent[1]) if child == 0 else (to_parent[0], to_child[1])
+if child:
+    send()
+    os.write(theirs, b"x")
+for _ in range(rounds):
+    os.read(mine, 1)
+    send()
+    os.write(theirs, b"x")
+if child:  # (the parent sends last)
+    print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_connection_dropped_with_packets_of_a_batch_still_waiting_leaks_no_fds(impl, sockdir):
+    """uid 65534's parent and child take turns on one connection, each packet with a memfd
+    payload (and, after the first few, its own pidfd). The server hangs up at max_rejections
+    while packets of the last recvmmsg batch still wait: their memfds and pidfds are closed."""
+    os.chmod(sockdir, 0o755)  # reachable by uid 65534
+    # 24: in the middle of the second batch of 16, whose packets each bring their own pidfd
+    with machipc.Server(NAME, directory=sockdir, impl=impl, max_rejections=24) as srv:
+        attacker = subprocess.Popen(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c",
+             TAKING_TURNS, srv.path, "20"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        base = _fds()  # (the attacker's pipes included; its connection is not accepted yet)
+        try:
+            assert attacker.stdout.readline().strip() == "sent"  # 41 packets queued
+            with pytest.raises(machipc.IPCTimeoutError):
+                srv.receive(timeout=2.0)
+            stats = srv.stats
+            assert stats.disconnected["rejected"] == 1 and stats.rejected == 24 and stats.received == 0
+            assert wait_for(lambda: _fds() <= base, 20), f"{_fds() - base} fds of the dropped connection still open"
+        finally:
+            attacker.stdin.close()
+            attacker.wait(10)
