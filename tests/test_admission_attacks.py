@@ -232,3 +232,70 @@ def test_a_connection_dropped_with_packets_of_a_batch_still_waiting_leaks_no_fds
         finally:
             attacker.stdin.close()
             attacker.wait(10)
+
+
+# argv[1]: the fd of a socket; argv[2]: the server's path, or "" when it is connected already.
+# It connects it (if asked), waits for a line on stdin, sends one one-way packet naming its pid,
+# says so, and stays alive until its stdin closes.
+ON_SOCKET = r"""
+import os, socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+if sys.argv[2]:
+    s.connect(sys.argv[2])
+sys.stdin.readline()
+data = b"from %d" % os.getpid()
+s.send(struct.pack("<HBBIQQ", 0x696D, 2, 1, 0, 0, len(data)) + data)
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def _on_socket(sock: socket.socket, path: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ON_SOCKET, str(sock.fileno()), path], pass_fds=(sock.fileno(),),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _send(proc: subprocess.Popen) -> None:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "sent"
+
+
+@pytest.mark.skipif(not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK), reason="needs a writable ns_last_pid to reuse a pid")
+def test_a_new_process_with_the_connecting_processs_pid_is_not_taken_for_it(impl, sockdir):
+    """The process that connected (pinned at accept, cached as allowed) exits; a new process
+    gets its pid (ns_last_pid) and sends on the connection it inherited, same uid and gid: the
+    liveness check of the pinned process must see the first one gone, so the packet is not
+    attributed to it (nor let through by its cached admission)."""
+    with machipc.Server(NAME, directory=sockdir, impl=impl) as srv:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        first = _on_socket(sock, srv.path)
+        _send(first)
+        msg = srv.receive(timeout=10)
+        assert bytes(msg.data) == b"from %d" % first.pid and msg.sender.pid == first.pid and msg.sender.guard is not None
+        pinned = msg.sender
+        first.stdin.close()
+        first.wait(10)
+        reuse = None
+        try:
+            for _ in range(50):  # other processes on the machine may take the pid first
+                with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                    f.write(str(first.pid - 1))
+                reuse = _on_socket(sock, "")
+                if reuse.pid == first.pid:
+                    break
+                reuse.kill()
+                reuse.wait(10)
+                reuse = None
+            if reuse is None:
+                pytest.skip(f"pid {first.pid} was taken by other processes 50 times")
+            _send(reuse)
+            again = srv.receive(timeout=10)
+        finally:
+            if reuse is not None:
+                reuse.stdin.close()
+                reuse.wait(10)
+            sock.close()
+        assert bytes(again.data) == b"from %d" % first.pid
+        assert again.sender is not pinned and again.sender.guard is None  # unpinned: nothing names it soundly
+        assert again.sender.exe is None
