@@ -643,6 +643,7 @@ cdef class Conn:
     cdef long long reject_budget
     cdef unsigned long long fast_rejected  # counted by the fast path, not yet taken (take_rejected)
     cdef object pending  # server side: a batch's packets not handed out yet (_next_packet); deque or None
+    cdef bint drained    # server side: the last recvmmsg took fewer packets than it asked for
     cdef uint8_t *buf    # client side only; a server's connections share its buffer
     cdef char *cbuf
 
@@ -1001,6 +1002,7 @@ cdef class Conn:
             return _received(DROP_CLOSED, self)
         with nogil:
             n = _recv_batch(self.fd, st.rvec, st.riov, st.bufs, st.cbufs, RECV_BATCH, st.pks)
+        self.drained = n < RECV_BATCH
         if n == 0:
             return None
         if n < 0:
@@ -1529,7 +1531,13 @@ cdef class ServerTransport:
                 if got is None:
                     self.ready.popleft()
                     continue
-                self.ready.rotate(-1)  # one packet per connection per turn: fairness
+                if conn.drained and not conn.pending:
+                    # Its last read took fewer packets than it asked for: the queue was empty
+                    # then, and epoll (level-triggered) reports it when more comes. One
+                    # recvmmsg saved per wake-up: the one that would only find EAGAIN.
+                    self.ready.popleft()
+                else:
+                    self.ready.rotate(-1)  # one packet per connection per turn: fairness
                 self.burst += 1
                 if got is _COUNTED:
                     counted = True
