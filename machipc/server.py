@@ -395,6 +395,8 @@ class Server:
         if self.offenders.refused(uid):  # a repeat offender in its cool-down: no service at all
             if payload.__class__ is Untaken:
                 payload.discard()
+            if got.pidfd >= 0:  # (nobody takes it: no Peer is made)
+                os.close(got.pidfd)
             self._stats.cooled_down += 1
             self.rate_log.warning(uid, "cooled down", "disconnected pid %d uid %d: its uid is in a cool-down", pid, uid)
             # Refused unjudged, so neither the server nor the transport knows this sender: what

@@ -119,8 +119,11 @@ def test_a_cooled_down_process_writing_on_a_cached_connection_is_not_let_through
         for i in range(1, 16):  # a recvmmsg batch's worth, so the other process's packets span batches
             sock.send(_one_way(b"a%d" % i))
         writer = _as_nobody(sock, 40)
+        base = _fds()
         try:
             got = _drain(srv)
+            # Refused unjudged, each of its later packets came with a pidfd nobody took: closed.
+            assert wait_for(lambda: _fds() <= base, 20), f"{_fds() - base} fds more than before"
         finally:
             writer.stdin.close()
             writer.wait(10)
