@@ -65,6 +65,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
     int accept4(int fd, void *addr, socklen_t *addrlen, int flags)
     int setsockopt(int fd, int level, int name, const void *val, socklen_t length)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *length)

@@ -28,6 +28,17 @@ def test_request_round_trip(serve, client):
     assert cli.request(big, timeout=5) == b"echo:" + big  # the reply goes out as a memfd
 
 
+def test_packets_either_side_of_the_small_send_size_arrive_whole(serve, client):
+    # Packets up to 1024 bytes (header included) go out through send(2) from one copied
+    # buffer, bigger ones through sendmsg with the payload in place (machipc/_unix.pyx).
+    serve()
+    cli = client()
+    edge = 1024 - wire.HEADER_SIZE
+    for size in (edge - 5, edge - 4, edge, edge + 1):  # the reply ("echo:" + data), then the request, at the edge
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert cli.request(data, timeout=5) == b"echo:" + data, size
+
+
 def test_reply_over_the_client_limit_is_an_error_not_silence(serve, client):
     serve(lambda m: b"y" * 200_000)
     cli = client(max_size=100_000)
