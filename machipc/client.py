@@ -28,6 +28,9 @@ from .deadline import deadline_of, remaining
 from . import arena, forking, payload
 from .wire import DROP_TEXT, INLINE_MAX, Drop, ErrorCode, Kind, Limits, unpack_error
 
+_MESSAGE = int(Kind.MESSAGE)  # a plain int: an IntEnum costs a conversion per send
+_UNKNOWN = object()  # Client._room_limits before the server's limits are known
+
 __all__ = ["Client", "Buffer"]
 
 log = logging.getLogger("machipc")
@@ -171,7 +174,7 @@ class Client:
         connect_timeout: Optional[float] = _DEFAULT,  # type: ignore[assignment]
     ) -> None:
         self.name = name
-        #: Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge.
+        self._room_limits: object = _UNKNOWN  # see _refresh_room
         self.max_size = int_arg(max_size, "max_size")
         timeout = timeout_arg(timeout)
         if connect_timeout is not _DEFAULT:
@@ -203,6 +206,27 @@ class Client:
         self._recv_lock = threading.Lock()
         self._dead: Optional[IPCError] = None
         self._fork_generation = forking.generation
+        self._room = 0  # largest message send() passes straight to the transport (_refresh_room)
+        self._room_limits = _UNKNOWN
+
+    @property
+    def max_size(self) -> int:
+        """Largest payload sent or accepted in a reply (bytes); larger sends raise MessageTooLarge."""
+        return self._max_size
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        self._max_size = value
+        self._room_limits = _UNKNOWN  # send()'s fast path asks again
+
+    def _refresh_room(self) -> None:
+        """Once the server's limits are known (its HELLO was read; on macOS at once),
+        remember the largest message ``send`` may pass straight to the transport, and
+        for which limits (``send`` takes the long way when they change)."""
+        limits = getattr(self._conn, "peer_limits", 0)
+        if limits is not None:
+            self._room = self._inline_limit()
+            self._room_limits = limits
 
     def _forget_inherited(self) -> None:
         """In a fork()ed child: let go of the parent's connection without touching it.
@@ -293,13 +317,22 @@ class Client:
         PeerGone when the server left or the client was closed,
         InvalidArgument for a payload that is not bytes-like.
         """
-        if getattr(self._conn, "peer_limits", 0) is None:
+        conn = self._conn
+        if (type(data) is bytes and len(data) <= self._room and self._dead is None
+                and self._fork_generation == forking.generation and getattr(conn, "peer_limits", 0) is self._room_limits):
+            try:  # the hot path: every check already made for messages this small
+                conn.send(_MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
+            except PeerGone as exc:
+                raise self._gone(exc) from None
+            return
+        if getattr(conn, "peer_limits", 0) is None:
             self._learn_limits()
         if self._inline(data):
             try:
-                self._conn.send(Kind.MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
+                self._conn.send(_MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
             except PeerGone as exc:
                 raise self._gone(exc) from None
+            self._refresh_room()
             return
         self._check(data)
         try:

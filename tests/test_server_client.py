@@ -466,3 +466,22 @@ def test_serve_answers_a_request_before_asking_for_more(impl, sockdir, client):
     got = next(i for i, entry in enumerate(log) if entry[0] == "recv" and entry[2])  # the request
     assert log[got + 1] == ("handle",), log[: got + 3]
     assert [entry[1] for entry in log[got + 2 : got + 3]] == [0.0]  # then what is queued, without waiting
+
+
+def test_send_keeps_checking_limits_on_its_fast_path(serve, client):
+    """send() passes small messages straight to the transport once the server's limits are
+    known; a message over them, a lowered max_size and a closed client are still refused."""
+    serve(lambda m: b"" if m.expects_reply else None, max_size=1000)
+    cli = client()
+    assert cli.request(b"x", timeout=10) == b""  # the server's HELLO is read: its limit is known
+    for _ in range(3):
+        cli.send(b"a" * 900)
+    with pytest.raises(machipc.MessageTooLarge):
+        cli.send(b"a" * 1001)  # over the server's limit
+    cli.max_size = 500
+    with pytest.raises(machipc.MessageTooLarge):
+        cli.send(b"a" * 600)  # over our own, lowered, limit
+    cli.send(b"a" * 400)
+    cli.close()
+    with pytest.raises(machipc.PeerGone):
+        cli.send(b"a")
