@@ -1012,6 +1012,7 @@ cdef class Conn:
         """
         cdef int n, i
         cdef int alive = -1
+        cdef int unread = -1  # the cached Peer's exe and cgroup unread: checked once per batch
         cdef bint slow = False
         cdef bint counted = False
         cdef Packet *pk
@@ -1034,7 +1035,7 @@ cdef class Conn:
             if pk.status == DROP_OK:
                 self._identify(pk, &alive)
                 if not slow and self.admit_mode != ADMIT_NONE and not pk.ndeferred:
-                    got = self._admitted(st, pk, buf)
+                    got = self._admitted(st, pk, buf, &unread)
                     if got is _COUNTED:
                         counted = True
                         continue
@@ -1070,9 +1071,12 @@ cdef class Conn:
                         pass
         self.pending.clear()
 
-    cdef object _admitted(self, ServerTransport st, Packet *pk, const uint8_t *buf):
+    cdef object _admitted(self, ServerTransport st, Packet *pk, const uint8_t *buf, int *unread):
         """A valid packet's fate under the cached admission: a Message (or a BATCH packet's
-        list of them), _COUNTED (rejected and counted), or None: the server must see it."""
+        list of them), _COUNTED (rejected and counted), or None: the server must see it.
+        ``unread``: -1, or whether the Peer's exe and cgroup were unread when this batch was
+        checked: one look per batch, as for liveness (the server checks an exe when it reads
+        the packets, never when they were sent)."""
         cdef Py_ssize_t n = pk.size - HEADER_SIZE
         if pk.pidfd != SAME_PEER or self.admit_epoch != st.epoch:
             return None
@@ -1091,9 +1095,13 @@ cdef class Conn:
             self.fast_rejected += n
             st.rejected_pending += n
             return _COUNTED
-        peer = self.admit_peer
         # Large payloads are taken by the server; a read exe or cgroup is re-checked there per packet.
-        if pk.flags & (FLAG_ARENA | FLAG_PAYLOAD_FD) or peer._exe_id is not None or peer._cgroup is not None:
+        if pk.flags & (FLAG_ARENA | FLAG_PAYLOAD_FD):
+            return None
+        if unread[0] < 0:
+            peer = self.admit_peer
+            unread[0] = peer._exe_id is None and peer._cgroup is None
+        if not unread[0]:
             return None
         if pk.flags & FLAG_BATCH:
             if st.max_payload < INLINE_MAX:  # an item may be over max_size: the server drops those
