@@ -202,6 +202,7 @@ class Server:
         self.reply_queue_bytes = int_arg(reply_queue_bytes, "reply_queue_bytes")
         self.offenders = cooldown.Cooldown(int_arg(offender_strikes, "offender_strikes", 1), timeout_arg(offender_cooldown, "offender_cooldown") or 0.0)
         self._stats = ServerStats()
+        self._rejected_lock = threading.Lock()  # stats.rejected: counted here and by _take_rejected on any thread
         #: Rejection and drop warnings, at most a few per (uid, reason) every 10 s (machipc.ratelog).
         self.rate_log = RateLimitedLog(log)
         self._peers: dict[int, tuple[Peer, Decision]] = {}  # conn id -> last sender
@@ -485,18 +486,20 @@ class Server:
         transport = self._transport
         if transport is None or not transport.rejected_pending:
             return
-        for conn_id, uid, count in transport.take_rejected():
-            self._stats.rejected += count
-            self.rate_log.count(uid, "rejected", count)
-            if conn_id in self._rejections:
-                self._rejections[conn_id] += count
+        with self._rejected_lock:  # Server.stats runs this on any thread
+            for conn_id, uid, count in transport.take_rejected():
+                self._stats.rejected += count
+                self.rate_log.count(uid, "rejected", count)
+                if conn_id in self._rejections:
+                    self._rejections[conn_id] += count
 
     def _reject(self, conn, kind: int, request_id: int, pid: int, uid: int, peer: Peer, decision: Decision, items: int = 1) -> bool:
         """Count and log a packet the policy refused (``items`` messages: a BATCH packet's
         count); answer a request; hang up after ``max_rejections`` packets, none allowed.
         True if a log line was written (the rate-limited log had room for it)."""
         self._take_rejected()  # (max_rejections counts those too)
-        self._stats.rejected += items
+        with self._rejected_lock:
+            self._stats.rejected += items
         # The reason is escaped only if the line is written (most are not: rate-limited).
         logged = self.rate_log.warning(uid, "rejected", "rejected %s from pid %d uid %d: %s", _kind_name(kind), pid, uid, _Printable(decision.reason))
         if not decision.known:

@@ -495,11 +495,12 @@ class Conn:
                 payload.discard()  # closed unmapped
             if self._reject_budget > 0:
                 self._reject_budget -= 1
-            if not self.fast_rejected:
-                st._rejected_conns.append(self)
             n = len(payload) if flags & Flag.BATCH else 1
-            self.fast_rejected += n
-            st.rejected_pending += n
+            with st._count_lock:  # take_rejected may run on another thread (Server.stats)
+                if not self.fast_rejected:
+                    st._rejected_conns.append(self)
+                self.fast_rejected += n
+                st.rejected_pending += n
             return _COUNTED
         peer = self._admit_peer
         # Large payloads are taken by the server; a read exe or cgroup is re-checked there per packet.
@@ -720,6 +721,7 @@ class ServerTransport:
         #: Packets the cached admissions rejected and counted, not yet taken (take_rejected).
         self.rejected_pending = 0
         self._rejected_conns: list[Conn] = []
+        self._count_lock = threading.Lock()
 
     @property
     def connections(self) -> int:
@@ -873,13 +875,14 @@ class ServerTransport:
         """What the cached admissions rejected since the last call: ``[(conn id, uid, count)]``
         (uid: the rejected sender's), and the counts start again from 0."""
         out = []
-        for conn in self._rejected_conns:
-            if conn.fast_rejected:
-                uid = conn._admit_peer.uid if conn._admit_peer is not None else conn.peer_uid
-                out.append((conn.id, uid, conn.fast_rejected))
-                conn.fast_rejected = 0
-        self._rejected_conns = []
-        self.rejected_pending = 0
+        with self._count_lock:  # (the Cython twin needs none: the GIL is held throughout)
+            for conn in self._rejected_conns:
+                if conn.fast_rejected:
+                    uid = conn._admit_peer.uid if conn._admit_peer is not None else conn.peer_uid
+                    out.append((conn.id, uid, conn.fast_rejected))
+                    conn.fast_rejected = 0
+            self._rejected_conns = []
+            self.rejected_pending = 0
         return out
 
     def waiting_conns(self) -> list:

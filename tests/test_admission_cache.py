@@ -317,3 +317,36 @@ def test_a_cached_rejected_batch_counts_every_message(impl, sockdir):
         with machipc.Client("org.test.cache", directory=sockdir, impl=impl) as cli:
             sender = _in_thread(lambda: [cli.send_many([b"x"] * 100) for _ in range(10)])
             assert wait_for(lambda: _take_some(srv) and srv.stats.rejected == 1000, 20), srv.stats.rejected
+
+
+def test_stats_read_from_another_thread_lose_no_rejection(impl, sockdir):
+    """Another thread reading ``Server.stats`` (which takes the transport's counts) while
+    serve() counts rejected packets: every packet is counted once."""
+    n = 5000
+    srv = machipc.Server("org.test.cache", NOBODY, directory=sockdir, impl=impl, max_rejections=None)
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            srv.stats.rejected
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: races show
+    served = _in_thread(lambda: srv.serve(lambda m: None))
+    try:
+        sock = _connect(srv.path)
+        sock.settimeout(None)
+        readers = [_in_thread(reader) for _ in range(2)]
+        for _ in range(n):
+            sock.send(_one_way())
+        assert wait_for(lambda: srv.stats.rejected >= n, 60), srv.stats.rejected
+        stop.set()
+        for t in readers:
+            t.join(10)
+        assert srv.stats.rejected == n
+        sock.close()
+    finally:
+        sys.setswitchinterval(switch)
+        stop.set()
+        srv.close()
+        served.join(10)
