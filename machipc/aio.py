@@ -2,7 +2,7 @@
 
 Same names, sockets, wire format and policies as :class:`machipc.Server` and
 :class:`machipc.Client` (the asyncio classes wrap them: every packet goes
-through the same ``Server._take``, so validation and the policy are the very
+through the same ``Server._take_all``, so validation and the policy are the very
 same code). Nothing blocks the loop and there is no thread per message:
 
 * the server registers the transport's poll fd with ``loop.add_reader`` and
@@ -237,14 +237,9 @@ class Server:
                     break
                 continue
             empty = 0
-            msg = srv._take(got)
-            if msg.__class__ is list:  # a BATCH packet: each of its messages counts
-                self._queue.extend(msg)
-                taken += max(len(msg), 1)
-            else:
-                if msg is not None:
-                    self._queue.append(msg)
-                taken += 1
+            queued = len(self._queue)
+            srv._take_all([got], self._queue)
+            taken += max(len(self._queue) - queued, 1)  # a BATCH packet: each of its messages counts
             del got
         srv._take_rejected()  # what the connections' cached admissions rejected: counted and logged
         return taken

@@ -347,10 +347,12 @@ class Server:
                 if self._closed:
                     self._teardown()
 
-    def _take_all(self, items: list, batch: list) -> None:
-        """``_take`` for each of ``items`` (what ``transport.recv_many`` returned), the
-        messages appended to ``batch`` in order; the transport's ready Messages without a
-        call each."""
+    def _take_all(self, items: list, batch) -> None:
+        """What becomes of ``items`` (what ``transport.recv``/``recv_many`` handed up): their
+        messages appended to ``batch`` (a list or deque) in order. A Message or a list of
+        them (a BATCH packet) was let through by its connection's cached admission (see
+        _cache_admission) and is only counted; anything else is a Received for _admit,
+        which counts and logs what it refuses or drops."""
         mtype = self._message_type
         ready = 0
         for got in items:
@@ -368,16 +370,6 @@ class Server:
                 elif msg is not None:
                     batch.append(msg)
         self._stats.received += ready
-
-    def _take(self, got) -> "Message | list[Message] | None":
-        """What becomes of one thing ``transport.recv`` handed up: a message, a BATCH packet's
-        list of messages, or None (refused or dropped, counted and logged)."""
-        cls = got.__class__
-        if cls is self._message_type or cls is list:
-            # Let through by its connection's cached admission (see _cache_admission).
-            self._stats.received += 1 if cls is not list else len(got)
-            return got
-        return self._admit(got)
 
     def _admit(self, got: Received) -> "Message | list[Message] | None":
         """The message of one received packet (None: refused or dropped, counted and logged),
@@ -745,12 +737,8 @@ class Server:
                         break
                     continue
                 empty = 0
-                msg = self._take(got)
-                if msg.__class__ is list:
-                    queued.extend(msg)
-                elif msg is not None:
-                    queued.append(msg)
-                del msg, got
+                self._take_all([got], queued)
+                del got
             if deadline is not None and remaining(deadline) == 0.0:
                 log.warning("stopping: drain timeout reached; closing with messages still queued")
                 break
