@@ -318,25 +318,22 @@ class Client:
         InvalidArgument for a payload that is not bytes-like.
         """
         conn = self._conn
-        if (type(data) is bytes and len(data) <= self._room and self._dead is None
+        if not (type(data) is bytes and len(data) <= self._room and self._dead is None
                 and self._fork_generation == forking.generation and getattr(conn, "peer_limits", 0) is self._room_limits):
-            try:  # the hot path: every check already made for messages this small
-                conn.send(_MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
-            except PeerGone as exc:
-                raise self._gone(exc) from None
-            return
-        if getattr(conn, "peer_limits", 0) is None:
-            self._learn_limits()
-        if self._inline(data):
-            try:
-                self._conn.send(_MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
-            except PeerGone as exc:
-                raise self._gone(exc) from None
+            # Not the hot path (bytes within the size checked for the limits known now): learn
+            # the server's limits, check, or send out of band.
+            if getattr(conn, "peer_limits", 0) is None:
+                self._learn_limits()
+            if not self._inline(data):
+                self._check(data)
+                try:
+                    payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size, self._arenas)
+                except PeerGone as exc:
+                    raise self._gone(exc) from None
+                return
             self._refresh_room()
-            return
-        self._check(data)
         try:
-            payload.send(self._conn, Kind.MESSAGE, 0, data, self._timeout(timeout), self.max_size, self._arenas)
+            conn.send(_MESSAGE, 0, data, self.timeout if timeout is _DEFAULT else timeout)
         except PeerGone as exc:
             raise self._gone(exc) from None
 
