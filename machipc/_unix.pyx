@@ -1267,22 +1267,6 @@ cdef class Conn:
         finally:
             PyBuffer_Release(&d)
 
-    cdef object _recv_nowait(self, uint8_t *buf, char *cbuf):
-        cdef Packet pk
-        cdef int rc
-        if self.fd < 0:
-            return _received(DROP_CLOSED, self)
-        while True:
-            with nogil:
-                rc = _recv_packet(self.fd, buf, cbuf, self.server_side, &pk)
-            if rc == 0:
-                return None
-            if rc < 0:
-                raise error_from_errno(errno, "recv")
-            got = self._result(&pk, buf)
-            if not self._took_hello(got):
-                return got
-
     cdef bint _took_hello(self, Received got):
         """A HELLO (only a client accepts one): keep the server's limits, hand nothing on."""
         if got.status != DROP_OK or got.kind != KIND_HELLO:
@@ -1404,13 +1388,24 @@ cdef class Conn:
 
     def recv_nowait(self):
         """Receive one packet if one is queued (None if not)."""
+        cdef Packet pk
+        cdef int rc, fd
         if self.buf == NULL:
             self._alloc_buffers()
         if self.fd < 0 or self.close_pending:
             return _received(DROP_CLOSED, self)
-        self._enter()
+        fd = self._enter()
         try:
-            return self._recv_nowait(self.buf, self.cbuf)
+            while True:
+                with nogil:
+                    rc = _recv_packet(fd, self.buf, self.cbuf, self.server_side, &pk)
+                if rc == 0:
+                    return None
+                if rc < 0:
+                    raise error_from_errno(errno, "recv")
+                got = self._result(&pk, self.buf)
+                if not self._took_hello(got):
+                    return got
         finally:
             self._leave()
 
